@@ -1,0 +1,7 @@
+"""mnistgan: a small fully connected GAN trained by Cython kernels over BLAS."""
+from ._version import __version__
+from .config import Config
+from .gan import GAN, StepStats
+from .network import DenseStack
+
+__all__ = ["__version__", "Config", "GAN", "StepStats", "DenseStack"]

@@ -1,0 +1,822 @@
+# cython: language_level=3
+"""Typed compute kernels of mnistgan: every loop that touches numbers.
+
+Layout of this file, top to bottom:
+  1. argument checking (runs with the GIL, before any raw pointer is used)
+  2. GEMM: the single place where BLAS is called
+  3. layers, each forward beside its backward: dense, ReLU, tanh, batch norm
+  4. the loss: sigmoid + binary cross-entropy on logits, fused with its gradient
+  5. the optimizer: Adam, in place
+  6. data: batch gather from uint8, instance noise, finiteness check
+
+Conventions. Matrices are C-contiguous, row-major, one example per row.
+Dense weights are stored (fan_in, fan_out), so a layer is Y = X @ W + b.
+Every kernel writes into buffers the caller allocated; nothing here allocates
+numpy memory. The public functions accept float32 or float64 arrays (all of
+one dtype per call) and raise TypeError/ValueError naming the bad argument
+before any code without the GIL runs.
+"""
+
+cimport cython
+cimport numpy as cnp
+from libc.math cimport exp, expf, log1p, log1pf, sqrt, sqrtf, tanh, tanhf, isfinite, fabs
+from libc.string cimport memcpy
+from libc.stdint cimport int64_t, uint8_t
+from scipy.linalg.cython_blas cimport sgemm, dgemm
+
+import numpy as np
+
+cnp.import_array()
+
+ctypedef fused floating:
+    float
+    double
+
+cdef int F32 = cnp.NPY_FLOAT32
+cdef int F64 = cnp.NPY_FLOAT64
+cdef Py_ssize_t INT_MAX = 2147483647
+
+
+# ---------------------------------------------------------------------------
+# 1. Argument checking
+# ---------------------------------------------------------------------------
+
+_DTYPE_NAMES = {cnp.NPY_FLOAT32: "float32", cnp.NPY_FLOAT64: "float64",
+                cnp.NPY_UINT8: "uint8", cnp.NPY_INT64: "int64"}
+
+
+cdef inline tuple _shape(cnp.ndarray a):
+    return (<object>a).shape
+
+
+cdef inline cnp.ndarray _array(str name, object a):
+    if not isinstance(a, cnp.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(a).__name__}")
+    return <cnp.ndarray>a
+
+
+cdef int _float_type(str name, object a) except -1:
+    """The dtype number of a float32/float64 array, or TypeError."""
+    cdef cnp.ndarray arr = _array(name, a)
+    cdef int t = cnp.PyArray_TYPE(arr)
+    if t != F32 and t != F64:
+        raise TypeError(f"{name} must have dtype float32 or float64, got {arr.dtype}")
+    return t
+
+
+cdef cnp.ndarray _check(str name, object a, int typenum, int ndim,
+                        Py_ssize_t d0=-1, Py_ssize_t d1=-1):
+    """Validate one argument: ndarray, dtype, ndim, shape (-1: any), C order.
+
+    Every dimension must fit a BLAS int.
+    """
+    cdef cnp.ndarray arr = _array(name, a)
+    cdef int i
+    if cnp.PyArray_TYPE(arr) != typenum:
+        raise TypeError(
+            f"{name} has dtype {arr.dtype}, expected {_DTYPE_NAMES.get(typenum, typenum)}")
+    if cnp.PyArray_NDIM(arr) != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {_shape(arr)}")
+    if ndim >= 1 and d0 >= 0 and arr.shape[0] != d0:
+        raise ValueError(f"{name} has shape {_shape(arr)}: dimension 0 must be {d0}")
+    if ndim >= 2 and d1 >= 0 and arr.shape[1] != d1:
+        raise ValueError(f"{name} has shape {_shape(arr)}: dimension 1 must be {d1}")
+    if not cnp.PyArray_IS_C_CONTIGUOUS(arr):
+        raise ValueError(f"{name} must be C-contiguous (use numpy.ascontiguousarray)")
+    for i in range(ndim):
+        if arr.shape[i] > INT_MAX:
+            raise ValueError(f"{name} has shape {_shape(arr)}: too large for BLAS")
+    return arr
+
+
+cdef cnp.ndarray _out(str name, object a, int typenum, int ndim,
+                      Py_ssize_t d0=-1, Py_ssize_t d1=-1):
+    """_check for an output argument, which must also be writeable."""
+    cdef cnp.ndarray arr = _check(name, a, typenum, ndim, d0, d1)
+    if not cnp.PyArray_ISWRITEABLE(arr):
+        raise ValueError(f"{name} is an output and must be writeable")
+    return arr
+
+
+cdef inline char* _lo(cnp.ndarray a) noexcept nogil:
+    return <char*>cnp.PyArray_DATA(a)
+
+
+cdef inline char* _hi(cnp.ndarray a) noexcept nogil:
+    return <char*>cnp.PyArray_DATA(a) + cnp.PyArray_NBYTES(a)
+
+
+cdef int _disjoint(str out_name, cnp.ndarray out, str in_name, cnp.ndarray inp) except -1:
+    """Raise if the memory of `out` overlaps that of `inp` at all."""
+    if cnp.PyArray_NBYTES(out) == 0 or cnp.PyArray_NBYTES(inp) == 0:
+        return 0
+    if _lo(out) < _hi(inp) and _lo(inp) < _hi(out):
+        raise ValueError(f"{out_name} overlaps {in_name}: this kernel cannot work in place")
+    return 0
+
+
+cdef int _same_or_disjoint(str out_name, cnp.ndarray out, str in_name, cnp.ndarray inp) except -1:
+    """Elementwise kernels may write in place (out is in) but not partly over."""
+    if _lo(out) == _lo(inp) and cnp.PyArray_NBYTES(out) == cnp.PyArray_NBYTES(inp):
+        return 0
+    return _disjoint(out_name, out, in_name, inp)
+
+
+# ---------------------------------------------------------------------------
+# 2. GEMM: the only call into BLAS
+# ---------------------------------------------------------------------------
+
+cdef void gemm_rm(bint trans_a, bint trans_b, int m, int n, int k,
+                  floating alpha, floating* a, int lda, floating* b, int ldb,
+                  floating beta, floating* c, int ldc) noexcept nogil:
+    """Row-major C (m x n) = alpha * op(A) op(B) + beta * C.
+
+    BLAS is column-major, where a row-major matrix reads as its transpose;
+    so we ask BLAS for C^T = op(B)^T op(A)^T, which is the same memory.
+    """
+    cdef char ta = b'T' if trans_b else b'N'
+    cdef char tb = b'T' if trans_a else b'N'
+    cdef Py_ssize_t i, j
+    if m == 0 or n == 0:
+        return
+    if k == 0:
+        # BLAS would also do this, but reference BLAS rejects ld = 0.
+        for i in range(m):
+            for j in range(n):
+                c[i * ldc + j] = 0 if beta == 0 else beta * c[i * ldc + j]
+        return
+    if floating is float:
+        sgemm(&ta, &tb, &n, &m, &k, &alpha, b, &ldb, a, &lda, &beta, c, &ldc)
+    else:
+        dgemm(&ta, &tb, &n, &m, &k, &alpha, b, &ldb, a, &lda, &beta, c, &ldc)
+
+
+def gemm(A, B, C, *, bint trans_a=False, bint trans_b=False,
+         double alpha=1.0, double beta=0.0):
+    """C = alpha * op(A) @ op(B) + beta * C, in place; returns C.
+
+    A: (m, k), or (k, m) when trans_a. B: (k, n), or (n, k) when trans_b.
+    C: (m, n). All C-contiguous, one float dtype. beta = 1 accumulates.
+    C may not overlap A or B.
+    """
+    cdef int t = _float_type("A", A)
+    cdef cnp.ndarray a = _check("A", A, t, 2)
+    cdef Py_ssize_t m = a.shape[1] if trans_a else a.shape[0]
+    cdef Py_ssize_t k = a.shape[0] if trans_a else a.shape[1]
+    cdef cnp.ndarray b = _check("B", B, t, 2, -1 if trans_b else k, k if trans_b else -1)
+    cdef Py_ssize_t n = b.shape[0] if trans_b else b.shape[1]
+    cdef cnp.ndarray c = _out("C", C, t, 2, m, n)
+    _disjoint("C", c, "A", a)
+    _disjoint("C", c, "B", b)
+    cdef int lda = max(<int>a.shape[1], 1), ldb = max(<int>b.shape[1], 1), ldc = max(<int>n, 1)
+    if t == F32:
+        with nogil:
+            gemm_rm(trans_a, trans_b, <int>m, <int>n, <int>k, <float>alpha,
+                    <float*>_lo(a), lda, <float*>_lo(b), ldb, <float>beta, <float*>_lo(c), ldc)
+    else:
+        with nogil:
+            gemm_rm(trans_a, trans_b, <int>m, <int>n, <int>k, alpha,
+                    <double*>_lo(a), lda, <double*>_lo(b), ldb, beta, <double*>_lo(c), ldc)
+    return C
+
+
+# ---------------------------------------------------------------------------
+# 3a. Dense layer: Y = X W + b
+# ---------------------------------------------------------------------------
+
+cdef void dense_forward_k(floating* x, floating* w, floating* bias, floating* y,
+                          int n, int d_in, int d_out) noexcept nogil:
+    cdef Py_ssize_t i
+    # Seed Y with the bias, then let BLAS accumulate X W on top (beta = 1):
+    # one pass over Y instead of two.
+    for i in range(n):
+        memcpy(y + i * d_out, bias, d_out * sizeof(floating))
+    gemm_rm(False, False, n, d_out, d_in, 1, x, d_in, w, d_out, 1, y, d_out)
+
+
+cdef void dense_backward_k(floating* x, floating* w, floating* dy,
+                           floating* dw, floating* db, floating* dx,
+                           int n, int d_in, int d_out) noexcept nogil:
+    """dW = X^T dY, db = column sums of dY, dX = dY W^T (each skipped if NULL)."""
+    cdef Py_ssize_t i, j
+    cdef floating* row
+    if dw != NULL:
+        gemm_rm(True, False, d_in, d_out, n, 1, x, d_in, dy, d_out, 0, dw, d_out)
+    if db != NULL:
+        for j in range(d_out):
+            db[j] = 0
+        for i in range(n):
+            row = dy + i * d_out
+            for j in range(d_out):
+                db[j] += row[j]
+    if dx != NULL:
+        gemm_rm(False, True, n, d_in, d_out, 1, dy, d_out, w, d_out, 0, dx, d_in)
+
+
+def dense_forward(X, W, b, Y):
+    """Y = X @ W + b. X: (n, d_in), W: (d_in, d_out), b: (d_out,), Y: (n, d_out)."""
+    cdef int t = _float_type("X", X)
+    cdef cnp.ndarray x = _check("X", X, t, 2)
+    cdef cnp.ndarray w = _check("W", W, t, 2, x.shape[1])
+    cdef Py_ssize_t n = x.shape[0], d_in = x.shape[1], d_out = w.shape[1]
+    cdef cnp.ndarray bb = _check("b", b, t, 1, d_out)
+    cdef cnp.ndarray y = _out("Y", Y, t, 2, n, d_out)
+    _disjoint("Y", y, "X", x)
+    _disjoint("Y", y, "W", w)
+    _disjoint("Y", y, "b", bb)
+    if t == F32:
+        with nogil:
+            dense_forward_k(<float*>_lo(x), <float*>_lo(w), <float*>_lo(bb), <float*>_lo(y),
+                            <int>n, <int>d_in, <int>d_out)
+    else:
+        with nogil:
+            dense_forward_k(<double*>_lo(x), <double*>_lo(w), <double*>_lo(bb), <double*>_lo(y),
+                            <int>n, <int>d_in, <int>d_out)
+    return Y
+
+
+def dense_backward(X, W, dY, dW=None, db=None, dX=None):
+    """Gradients of Y = X @ W + b given dY = dL/dY, written in place.
+
+    X: (n, d_in), W: (d_in, d_out), dY: (n, d_out).
+    dW: (d_in, d_out) and db: (d_out,) -- both or neither (None skips them).
+    dX: (n, d_in) or None (skipped: the first layer needs no input gradient).
+    """
+    cdef int t = _float_type("dY", dY)
+    cdef cnp.ndarray dy = _check("dY", dY, t, 2)
+    cdef Py_ssize_t n = dy.shape[0], d_out = dy.shape[1]
+    cdef cnp.ndarray x = _check("X", X, t, 2, n)
+    cdef Py_ssize_t d_in = x.shape[1]
+    cdef cnp.ndarray w = _check("W", W, t, 2, d_in, d_out)
+    cdef cnp.ndarray dw = None, dbb = None, dx = None
+    if (dW is None) != (db is None):
+        raise ValueError("dW and db must both be arrays or both be None")
+    if dW is not None:
+        dw = _out("dW", dW, t, 2, d_in, d_out)
+        dbb = _out("db", db, t, 1, d_out)
+        for name, other in (("X", x), ("W", w), ("dY", dy)):
+            _disjoint("dW", dw, name, other)
+            _disjoint("db", dbb, name, other)
+        _disjoint("db", dbb, "dW", dw)
+    if dX is not None:
+        dx = _out("dX", dX, t, 2, n, d_in)
+        for name, other in (("X", x), ("W", w), ("dY", dy)):
+            _disjoint("dX", dx, name, other)
+        if dw is not None:
+            _disjoint("dX", dx, "dW", dw)
+            _disjoint("dX", dx, "db", dbb)
+    cdef char *pdw = NULL
+    cdef char *pdb = NULL
+    cdef char *pdx = NULL
+    if dw is not None:
+        pdw = _lo(dw)
+        pdb = _lo(dbb)
+    if dx is not None:
+        pdx = _lo(dx)
+    if t == F32:
+        with nogil:
+            dense_backward_k(<float*>_lo(x), <float*>_lo(w), <float*>_lo(dy),
+                             <float*>pdw, <float*>pdb, <float*>pdx, <int>n, <int>d_in, <int>d_out)
+    else:
+        with nogil:
+            dense_backward_k(<double*>_lo(x), <double*>_lo(w), <double*>_lo(dy),
+                             <double*>pdw, <double*>pdb, <double*>pdx, <int>n, <int>d_in, <int>d_out)
+
+
+# ---------------------------------------------------------------------------
+# 3b. Elementwise activations (forward beside backward)
+# ---------------------------------------------------------------------------
+
+cdef void relu_forward_k(floating* x, floating* y, Py_ssize_t size) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(size):
+        y[i] = x[i] if x[i] > 0 else 0
+
+
+cdef void relu_backward_k(floating* y, floating* dy, floating* dx, Py_ssize_t size) noexcept nogil:
+    # Uses the ReLU output: y > 0 exactly where the input was > 0.
+    cdef Py_ssize_t i
+    for i in range(size):
+        dx[i] = dy[i] if y[i] > 0 else 0
+
+
+cdef void tanh_forward_k(floating* x, floating* y, Py_ssize_t size) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(size):
+        if floating is float:
+            y[i] = tanhf(x[i])
+        else:
+            y[i] = tanh(x[i])
+
+
+cdef void tanh_backward_k(floating* y, floating* dy, floating* dx, Py_ssize_t size) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(size):
+        dx[i] = dy[i] * (1 - y[i] * y[i])
+
+
+cdef tuple _unary(str xname, object X, str yname, object Y):
+    cdef int t = _float_type(xname, X)
+    cdef cnp.ndarray x = _array(xname, X)
+    x = _check(xname, X, t, x.ndim)
+    cdef cnp.ndarray y = _out(yname, Y, t, x.ndim)
+    if _shape(y) != _shape(x):
+        raise ValueError(f"{yname} has shape {_shape(y)}, expected {_shape(x)} like {xname}")
+    _same_or_disjoint(yname, y, xname, x)
+    return t, x, y
+
+
+cdef tuple _binary(str aname, object A, str bname, object B, str oname, object O):
+    t, a, o = _unary(aname, A, oname, O)
+    cdef cnp.ndarray b = _check(bname, B, t, a.ndim)
+    if _shape(b) != _shape(a):
+        raise ValueError(f"{bname} has shape {_shape(b)}, expected {_shape(a)} like {aname}")
+    _same_or_disjoint(oname, o, bname, b)
+    return t, a, b, o
+
+
+def relu_forward(X, Y):
+    """Y = max(X, 0), any shape; Y may be X (in place)."""
+    cdef int t
+    cdef cnp.ndarray x, y
+    t, x, y = _unary("X", X, "Y", Y)
+    cdef Py_ssize_t size = x.size
+    if t == F32:
+        with nogil:
+            relu_forward_k(<float*>_lo(x), <float*>_lo(y), size)
+    else:
+        with nogil:
+            relu_forward_k(<double*>_lo(x), <double*>_lo(y), size)
+    return Y
+
+
+def relu_backward(Y, dY, dX):
+    """dX = dY * (Y > 0), with Y the ReLU output; dX may be dY."""
+    cdef int t
+    cdef cnp.ndarray y, dy, dx
+    t, y, dy, dx = _binary("Y", Y, "dY", dY, "dX", dX)
+    cdef Py_ssize_t size = y.size
+    if t == F32:
+        with nogil:
+            relu_backward_k(<float*>_lo(y), <float*>_lo(dy), <float*>_lo(dx), size)
+    else:
+        with nogil:
+            relu_backward_k(<double*>_lo(y), <double*>_lo(dy), <double*>_lo(dx), size)
+    return dX
+
+
+def tanh_forward(X, Y):
+    """Y = tanh(X), any shape; Y may be X (in place)."""
+    cdef int t
+    cdef cnp.ndarray x, y
+    t, x, y = _unary("X", X, "Y", Y)
+    cdef Py_ssize_t size = x.size
+    if t == F32:
+        with nogil:
+            tanh_forward_k(<float*>_lo(x), <float*>_lo(y), size)
+    else:
+        with nogil:
+            tanh_forward_k(<double*>_lo(x), <double*>_lo(y), size)
+    return Y
+
+
+def tanh_backward(Y, dY, dX):
+    """dX = dY * (1 - Y^2), with Y the tanh output; dX may be dY."""
+    cdef int t
+    cdef cnp.ndarray y, dy, dx
+    t, y, dy, dx = _binary("Y", Y, "dY", dY, "dX", dX)
+    cdef Py_ssize_t size = y.size
+    if t == F32:
+        with nogil:
+            tanh_backward_k(<float*>_lo(y), <float*>_lo(dy), <float*>_lo(dx), size)
+    else:
+        with nogil:
+            tanh_backward_k(<double*>_lo(y), <double*>_lo(dy), <double*>_lo(dx), size)
+    return dX
+
+
+# ---------------------------------------------------------------------------
+# 3c. Batch norm over the batch axis (PyTorch's BatchNorm1d semantics)
+# ---------------------------------------------------------------------------
+# The training forward keeps the batch mean and 1/sqrt(var + eps) per feature;
+# the backward recomputes xhat from X with them instead of storing an
+# (n, d) xhat buffer: less memory traffic for the same arithmetic.
+
+cdef void batchnorm_forward_k(floating* x, floating* gamma, floating* beta,
+                              floating* run_mean, floating* run_var,
+                              floating* mean, floating* invstd, floating* y,
+                              int n, int d, double momentum, double eps,
+                              bint update_running) noexcept nogil:
+    cdef Py_ssize_t i, j
+    cdef floating* row
+    cdef floating* yrow
+    cdef floating diff
+    cdef double var
+    for j in range(d):
+        mean[j] = 0
+        invstd[j] = 0
+    for i in range(n):
+        row = x + i * d
+        for j in range(d):
+            mean[j] += row[j]
+    for j in range(d):
+        mean[j] = mean[j] / n
+    # Two-pass variance (sum of squared deviations), accumulated in invstd.
+    for i in range(n):
+        row = x + i * d
+        for j in range(d):
+            diff = row[j] - mean[j]
+            invstd[j] += diff * diff
+    for j in range(d):
+        var = invstd[j] / n
+        if update_running:
+            run_mean[j] = (1 - momentum) * run_mean[j] + momentum * mean[j]
+            # PyTorch keeps the unbiased variance in the running statistics.
+            run_var[j] = (1 - momentum) * run_var[j] + momentum * var * n / (n - 1)
+        invstd[j] = 1 / sqrt(var + eps)
+    for i in range(n):
+        row = x + i * d
+        yrow = y + i * d
+        for j in range(d):
+            yrow[j] = (row[j] - mean[j]) * invstd[j] * gamma[j] + beta[j]
+
+
+cdef void batchnorm_backward_k(floating* x, floating* mean, floating* invstd,
+                               floating* gamma, floating* dy,
+                               floating* dgamma, floating* dbeta, floating* dx,
+                               int n, int d) noexcept nogil:
+    # dx = gamma * invstd / n * (n dy - sum(dy) - xhat * sum(dy xhat))
+    cdef Py_ssize_t i, j
+    cdef floating* row
+    cdef floating* dyrow
+    cdef floating* dxrow
+    cdef floating xhat
+    for j in range(d):
+        dgamma[j] = 0
+        dbeta[j] = 0
+    for i in range(n):
+        row = x + i * d
+        dyrow = dy + i * d
+        for j in range(d):
+            xhat = (row[j] - mean[j]) * invstd[j]
+            dbeta[j] += dyrow[j]
+            dgamma[j] += dyrow[j] * xhat
+    for i in range(n):
+        row = x + i * d
+        dyrow = dy + i * d
+        dxrow = dx + i * d
+        for j in range(d):
+            xhat = (row[j] - mean[j]) * invstd[j]
+            dxrow[j] = gamma[j] * invstd[j] * (dyrow[j] - (dbeta[j] + xhat * dgamma[j]) / n)
+
+
+cdef void batchnorm_eval_k(floating* x, floating* gamma, floating* beta,
+                           floating* run_mean, floating* run_var, floating* y,
+                           int n, int d, double eps) noexcept nogil:
+    cdef Py_ssize_t i, j
+    cdef floating* row
+    cdef floating* yrow
+    for i in range(n):
+        row = x + i * d
+        yrow = y + i * d
+        for j in range(d):
+            yrow[j] = (row[j] - run_mean[j]) / sqrt(run_var[j] + eps) * gamma[j] + beta[j]
+
+
+def batchnorm_forward(X, gamma, beta, running_mean, running_var, mean, invstd, Y,
+                      *, double momentum=0.1, double eps=1e-5, bint update_running=True):
+    """Training-mode batch norm with batch statistics.
+
+    X, Y: (n, d), n >= 2. gamma, beta, running_mean, running_var: (d,).
+    Writes the batch mean and 1/sqrt(var + eps) into mean, invstd (d,), which
+    batchnorm_backward needs. Running statistics move by `momentum` (PyTorch
+    convention: new = (1 - momentum) * old + momentum * batch, unbiased
+    variance) unless update_running is False. Y may be X.
+    """
+    cdef int t = _float_type("X", X)
+    cdef cnp.ndarray x = _check("X", X, t, 2)
+    cdef Py_ssize_t n = x.shape[0], d = x.shape[1]
+    if n < 2:
+        raise ValueError(f"batch norm in training mode needs at least 2 rows in X, got {n}")
+    if not (0 <= momentum <= 1):
+        raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+    if not (eps > 0):
+        raise ValueError(f"eps must be > 0, got {eps}")
+    cdef cnp.ndarray g = _check("gamma", gamma, t, 1, d)
+    cdef cnp.ndarray b = _check("beta", beta, t, 1, d)
+    cdef cnp.ndarray rm = _out("running_mean", running_mean, t, 1, d)
+    cdef cnp.ndarray rv = _out("running_var", running_var, t, 1, d)
+    cdef cnp.ndarray mu = _out("mean", mean, t, 1, d)
+    cdef cnp.ndarray istd = _out("invstd", invstd, t, 1, d)
+    cdef cnp.ndarray y = _out("Y", Y, t, 2, n, d)
+    _same_or_disjoint("Y", y, "X", x)
+    outs = (("running_mean", rm), ("running_var", rv), ("mean", mu), ("invstd", istd))
+    for i, (oname, o) in enumerate(outs):
+        for iname, other in (("X", x), ("gamma", g), ("beta", b), ("Y", y)) + outs[i + 1:]:
+            _disjoint(oname, o, iname, other)
+    for iname, other in (("gamma", g), ("beta", b)):
+        _disjoint("Y", y, iname, other)
+    if t == F32:
+        with nogil:
+            batchnorm_forward_k(<float*>_lo(x), <float*>_lo(g), <float*>_lo(b), <float*>_lo(rm),
+                                <float*>_lo(rv), <float*>_lo(mu), <float*>_lo(istd), <float*>_lo(y),
+                                <int>n, <int>d, momentum, eps, update_running)
+    else:
+        with nogil:
+            batchnorm_forward_k(<double*>_lo(x), <double*>_lo(g), <double*>_lo(b), <double*>_lo(rm),
+                                <double*>_lo(rv), <double*>_lo(mu), <double*>_lo(istd), <double*>_lo(y),
+                                <int>n, <int>d, momentum, eps, update_running)
+    return Y
+
+
+def batchnorm_backward(X, mean, invstd, gamma, dY, dgamma, dbeta, dX):
+    """Gradients of training-mode batch norm.
+
+    X, dY, dX: (n, d); mean, invstd: (d,) from batchnorm_forward;
+    gamma, dgamma, dbeta: (d,). dX may be dY.
+    """
+    cdef int t = _float_type("dY", dY)
+    cdef cnp.ndarray dy = _check("dY", dY, t, 2)
+    cdef Py_ssize_t n = dy.shape[0], d = dy.shape[1]
+    cdef cnp.ndarray x = _check("X", X, t, 2, n, d)
+    cdef cnp.ndarray mu = _check("mean", mean, t, 1, d)
+    cdef cnp.ndarray istd = _check("invstd", invstd, t, 1, d)
+    cdef cnp.ndarray g = _check("gamma", gamma, t, 1, d)
+    cdef cnp.ndarray dg = _out("dgamma", dgamma, t, 1, d)
+    cdef cnp.ndarray db = _out("dbeta", dbeta, t, 1, d)
+    cdef cnp.ndarray dx = _out("dX", dX, t, 2, n, d)
+    _same_or_disjoint("dX", dx, "dY", dy)
+    for oname, o in (("dgamma", dg), ("dbeta", db), ("dX", dx)):
+        for iname, other in (("X", x), ("mean", mu), ("invstd", istd), ("gamma", g)):
+            _disjoint(oname, o, iname, other)
+    for oname, o in (("dgamma", dg), ("dbeta", db)):
+        _disjoint(oname, o, "dY", dy)
+        _disjoint(oname, o, "dX", dx)
+    _disjoint("dgamma", dg, "dbeta", db)
+    if t == F32:
+        with nogil:
+            batchnorm_backward_k(<float*>_lo(x), <float*>_lo(mu), <float*>_lo(istd), <float*>_lo(g),
+                                 <float*>_lo(dy), <float*>_lo(dg), <float*>_lo(db), <float*>_lo(dx),
+                                 <int>n, <int>d)
+    else:
+        with nogil:
+            batchnorm_backward_k(<double*>_lo(x), <double*>_lo(mu), <double*>_lo(istd), <double*>_lo(g),
+                                 <double*>_lo(dy), <double*>_lo(dg), <double*>_lo(db), <double*>_lo(dx),
+                                 <int>n, <int>d)
+
+
+def batchnorm_eval(X, gamma, beta, running_mean, running_var, Y, *, double eps=1e-5):
+    """Evaluation-mode batch norm with the running statistics. X, Y: (n, d); Y may be X."""
+    cdef int t = _float_type("X", X)
+    cdef cnp.ndarray x = _check("X", X, t, 2)
+    cdef Py_ssize_t n = x.shape[0], d = x.shape[1]
+    if not (eps > 0):
+        raise ValueError(f"eps must be > 0, got {eps}")
+    cdef cnp.ndarray g = _check("gamma", gamma, t, 1, d)
+    cdef cnp.ndarray b = _check("beta", beta, t, 1, d)
+    cdef cnp.ndarray rm = _check("running_mean", running_mean, t, 1, d)
+    cdef cnp.ndarray rv = _check("running_var", running_var, t, 1, d)
+    cdef cnp.ndarray y = _out("Y", Y, t, 2, n, d)
+    _same_or_disjoint("Y", y, "X", x)
+    for iname, other in (("gamma", g), ("beta", b), ("running_mean", rm), ("running_var", rv)):
+        _disjoint("Y", y, iname, other)
+    if t == F32:
+        with nogil:
+            batchnorm_eval_k(<float*>_lo(x), <float*>_lo(g), <float*>_lo(b), <float*>_lo(rm),
+                             <float*>_lo(rv), <float*>_lo(y), <int>n, <int>d, eps)
+    else:
+        with nogil:
+            batchnorm_eval_k(<double*>_lo(x), <double*>_lo(g), <double*>_lo(b), <double*>_lo(rm),
+                             <double*>_lo(rv), <double*>_lo(y), <int>n, <int>d, eps)
+    return Y
+
+
+# ---------------------------------------------------------------------------
+# 4. Loss: sigmoid + binary cross-entropy on logits, with its gradient
+# ---------------------------------------------------------------------------
+
+cdef double sigmoid_bce_k(floating* z, floating* target, floating* prob, floating* dz,
+                          Py_ssize_t n) noexcept nogil:
+    """Mean BCE of sigmoid(z) against target; prob = sigmoid(z); dz = d mean / dz.
+
+    Written with exp(-|z|) only, so no exp overflows whatever z is:
+    loss_i = max(z, 0) - z t + log(1 + exp(-|z|)).
+    """
+    cdef Py_ssize_t i
+    cdef double total = 0, zi, e, p
+    for i in range(n):
+        zi = z[i]
+        e = exp(-fabs(zi))
+        if zi >= 0:
+            p = 1 / (1 + e)
+            total += zi - zi * target[i] + log1p(e)
+        else:
+            p = e / (1 + e)
+            total += -zi * target[i] + log1p(e)
+        prob[i] = <floating>p
+        dz[i] = <floating>((p - target[i]) / n)
+    return total / n
+
+
+def sigmoid_bce(logits, targets, probs, dlogits):
+    """Mean binary cross-entropy of sigmoid(logits) against targets.
+
+    All four arrays have the same shape (any; usually (n,) or (n, 1)).
+    Writes probs = sigmoid(logits) and dlogits = d(mean loss)/d(logits).
+    Returns the mean loss as a Python float. Stable for |logits| up to 1e4
+    and beyond. dlogits may be logits.
+    """
+    cdef int t = _float_type("logits", logits)
+    cdef cnp.ndarray z = _array("logits", logits)
+    z = _check("logits", logits, t, z.ndim)
+    cdef cnp.ndarray tg = _check("targets", targets, t, z.ndim)
+    cdef cnp.ndarray p = _out("probs", probs, t, z.ndim)
+    cdef cnp.ndarray dz = _out("dlogits", dlogits, t, z.ndim)
+    for name, a in (("targets", tg), ("probs", p), ("dlogits", dz)):
+        if _shape(a) != _shape(z):
+            raise ValueError(f"{name} has shape {_shape(a)}, expected {_shape(z)} like logits")
+    if z.size == 0:
+        raise ValueError("logits is empty: the mean loss of no examples is undefined")
+    _same_or_disjoint("dlogits", dz, "logits", z)
+    _disjoint("dlogits", dz, "targets", tg)
+    _disjoint("probs", p, "logits", z)
+    _disjoint("probs", p, "targets", tg)
+    _disjoint("probs", p, "dlogits", dz)
+    cdef Py_ssize_t n = z.size
+    cdef double loss
+    if t == F32:
+        with nogil:
+            loss = sigmoid_bce_k(<float*>_lo(z), <float*>_lo(tg), <float*>_lo(p), <float*>_lo(dz), n)
+    else:
+        with nogil:
+            loss = sigmoid_bce_k(<double*>_lo(z), <double*>_lo(tg), <double*>_lo(p), <double*>_lo(dz), n)
+    return loss
+
+
+# ---------------------------------------------------------------------------
+# 5. Adam, in place (PyTorch's update, bias correction included)
+# ---------------------------------------------------------------------------
+
+cdef void adam_k(floating* p, floating* g, floating* m, floating* v, Py_ssize_t size,
+                 double lr, double beta1, double beta2, double eps, long step) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef double bc1 = 1 - beta1 ** step
+    cdef double bc2 = 1 - beta2 ** step
+    # Same order of operations as torch.optim.Adam (single-tensor path):
+    # denom = sqrt(v) / sqrt(bc2) + eps; p -= (lr / bc1) * m / denom.
+    cdef floating step_size = <floating>(lr / bc1)
+    cdef floating sqrt_bc2 = <floating>sqrt(bc2)
+    cdef floating b1 = <floating>beta1, b2 = <floating>beta2
+    cdef floating one_b1 = <floating>(1 - beta1), one_b2 = <floating>(1 - beta2)
+    cdef floating e = <floating>eps
+    cdef floating gi, mi, vi
+    for i in range(size):
+        gi = g[i]
+        mi = b1 * m[i] + one_b1 * gi
+        vi = b2 * v[i] + one_b2 * gi * gi
+        m[i] = mi
+        v[i] = vi
+        if floating is float:
+            p[i] -= step_size * mi / (sqrtf(vi) / sqrt_bc2 + e)
+        else:
+            p[i] -= step_size * mi / (sqrt(vi) / sqrt_bc2 + e)
+
+
+def adam_step(param, grad, m, v, *, double lr, double beta1, double beta2,
+              double eps, long step):
+    """One Adam update of param, m and v in place, from grad.
+
+    All four arrays share one shape (any) and dtype; step is the 1-based
+    count of updates including this one (it sets the bias correction).
+    """
+    cdef int t = _float_type("param", param)
+    cdef cnp.ndarray p = _array("param", param)
+    p = _out("param", param, t, p.ndim)
+    cdef cnp.ndarray g = _check("grad", grad, t, p.ndim)
+    cdef cnp.ndarray mm = _out("m", m, t, p.ndim)
+    cdef cnp.ndarray vv = _out("v", v, t, p.ndim)
+    for name, a in (("grad", g), ("m", mm), ("v", vv)):
+        if _shape(a) != _shape(p):
+            raise ValueError(f"{name} has shape {_shape(a)}, expected {_shape(p)} like param")
+    arrays = (("param", p), ("grad", g), ("m", mm), ("v", vv))
+    for i in range(4):
+        for j in range(i + 1, 4):
+            _disjoint(arrays[i][0], arrays[i][1], arrays[j][0], arrays[j][1])
+    if step < 1:
+        raise ValueError(f"step must be >= 1, got {step}")
+    if not (lr >= 0):
+        raise ValueError(f"lr must be >= 0, got {lr}")
+    if not (0 <= beta1 < 1):
+        raise ValueError(f"beta1 must be in [0, 1), got {beta1}")
+    if not (0 <= beta2 < 1):
+        raise ValueError(f"beta2 must be in [0, 1), got {beta2}")
+    if not (eps > 0):
+        raise ValueError(f"eps must be > 0, got {eps}")
+    cdef Py_ssize_t size = p.size
+    if t == F32:
+        with nogil:
+            adam_k(<float*>_lo(p), <float*>_lo(g), <float*>_lo(mm), <float*>_lo(vv), size,
+                   lr, beta1, beta2, eps, step)
+    else:
+        with nogil:
+            adam_k(<double*>_lo(p), <double*>_lo(g), <double*>_lo(mm), <double*>_lo(vv), size,
+                   lr, beta1, beta2, eps, step)
+
+
+# ---------------------------------------------------------------------------
+# 6. Data: batch gather, instance noise, finiteness
+# ---------------------------------------------------------------------------
+
+cdef void gather_k(uint8_t* images, int64_t* idx, floating* out,
+                   Py_ssize_t n, Py_ssize_t d) noexcept nogil:
+    cdef Py_ssize_t i, j
+    cdef uint8_t* src
+    cdef floating* dst
+    cdef floating lut[256]
+    # x / 127.5 - 1 computed once per byte value in double, then rounded:
+    # each output is the correctly rounded value.
+    for j in range(256):
+        lut[j] = <floating>(j / 127.5 - 1.0)
+    for i in range(n):
+        src = images + idx[i] * d
+        dst = out + i * d
+        for j in range(d):
+            dst[j] = lut[src[j]]
+
+
+def gather_batch(images, idx, out):
+    """out[i] = images[idx[i]] / 127.5 - 1, scaling uint8 pixels to [-1, 1].
+
+    images: (N, d) uint8; idx: (n,) int64, each in [0, N); out: (n, d) float.
+    """
+    cdef cnp.ndarray im = _check("images", images, cnp.NPY_UINT8, 2)
+    cdef cnp.ndarray ix = _check("idx", idx, cnp.NPY_INT64, 1)
+    cdef Py_ssize_t n = ix.shape[0], N = im.shape[0], d = im.shape[1]
+    cdef int t = _float_type("out", out)
+    cdef cnp.ndarray o = _out("out", out, t, 2, n, d)
+    _disjoint("out", o, "images", im)
+    _disjoint("out", o, "idx", ix)
+    cdef int64_t* pidx = <int64_t*>_lo(ix)
+    cdef Py_ssize_t i
+    for i in range(n):
+        if pidx[i] < 0 or pidx[i] >= N:
+            raise IndexError(f"idx[{i}] = {pidx[i]} is out of range for {N} images")
+    if t == F32:
+        with nogil:
+            gather_k(<uint8_t*>_lo(im), pidx, <float*>_lo(o), n, d)
+    else:
+        with nogil:
+            gather_k(<uint8_t*>_lo(im), pidx, <double*>_lo(o), n, d)
+    return out
+
+
+cdef void add_noise_k(floating* x, floating* noise, floating std, floating* out,
+                      Py_ssize_t size) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(size):
+        out[i] = x[i] + std * noise[i]
+
+
+def add_noise(X, noise, double std, out):
+    """out = X + std * noise (instance noise). Same shapes; out may be X.
+
+    noise holds standard normal draws (e.g. Generator.standard_normal(out=...)).
+    """
+    if not (std >= 0):
+        raise ValueError(f"std must be >= 0, got {std}")
+    cdef int t
+    cdef cnp.ndarray x, nz, o
+    t, x, nz, o = _binary("X", X, "noise", noise, "out", out)
+    cdef Py_ssize_t size = x.size
+    if t == F32:
+        with nogil:
+            add_noise_k(<float*>_lo(x), <float*>_lo(nz), <float>std, <float*>_lo(o), size)
+    else:
+        with nogil:
+            add_noise_k(<double*>_lo(x), <double*>_lo(nz), std, <double*>_lo(o), size)
+    return out
+
+
+cdef bint all_finite_k(floating* x, Py_ssize_t size) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef floating acc = 0
+    # x * 0 is 0 for finite x and NaN for inf or NaN: one branch-free pass.
+    for i in range(size):
+        acc += x[i] * 0
+    return acc == 0
+
+
+def all_finite(X):
+    """True if every element of the float array X is finite (no NaN, no inf)."""
+    cdef int t = _float_type("X", X)
+    cdef cnp.ndarray x = _array("X", X)
+    x = _check("X", X, t, x.ndim)
+    cdef Py_ssize_t size = x.size
+    cdef bint ok
+    if t == F32:
+        with nogil:
+            ok = all_finite_k(<float*>_lo(x), size)
+    else:
+        with nogil:
+            ok = all_finite_k(<double*>_lo(x), size)
+    return ok

@@ -1,0 +1,180 @@
+"""The GAN: a generator, a discriminator, and one training step.
+
+One step (`train_step`):
+  1. D update: a real batch (gathered from uint8 images) and a fake batch
+     from fresh z go through D as ONE batch of 2B rows (real first). D has no
+     batch norm, so this equals two separate passes, and every activation of
+     both halves is kept for the backward (no real-pass cache overwritten by
+     the fake pass). Loss: mean BCE over the 2B rows, i.e.
+     (BCE(D(real), 1) + BCE(D(fake), 0)) / 2. Adam on D.
+  2. G update: fresh z, fake batch, D on it (B rows), non-saturating loss
+     BCE(D(fake), 1). Only the input gradient flows back through D; D's
+     weight gradients are not computed. Adam on G.
+Instance noise: every image D sees gets std * N(0, 1) added (real and fake).
+
+Random draws, in this order per step: z for the D update (B, latent), noise
+for it (2B, image_dim) if std > 0, z for the G update, noise (B, image_dim)
+if std > 0. All from the one seeded Generator, in the model's dtype.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from . import _kernels as K
+from .config import Config
+from .network import DenseStack
+
+
+class StepStats(NamedTuple):
+    d_loss: float
+    g_loss: float
+    d_real: float  # mean D output (probability) on the real batch
+    d_fake: float  # mean D output on the fake batch of the D update
+
+
+class GAN:
+    """Generator and discriminator of `config`, with all step buffers allocated once."""
+
+    def __init__(self, config: Config | None = None, rng: np.random.Generator | None = None):
+        c = self.config = config if config is not None else Config()
+        self.rng = rng if rng is not None else np.random.default_rng(c.seed)
+        self.dtype = np.dtype(c.dtype)
+        B = c.batch_size
+        common = dict(dtype=self.dtype, rng=self.rng, bn_momentum=c.bn_momentum, bn_eps=c.bn_eps)
+        self.G = DenseStack([c.latent_dim, *c.g_hidden, c.image_dim], hidden_batchnorm=True,
+                            output="tanh", max_batch=B, name="generator", **common)
+        self.D = DenseStack([c.image_dim, *c.d_hidden, 1], hidden_batchnorm=False,
+                            output="linear", max_batch=2 * B, input_grad=True,
+                            name="discriminator", **common)
+        dt = self.dtype
+        self.z = np.zeros((B, c.latent_dim), dt)
+        self.d_input = np.zeros((2 * B, c.image_dim), dt)   # real rows, then fake rows
+        self.noise = np.zeros((2 * B, c.image_dim), dt)
+        self.d_targets = np.zeros((2 * B, 1), dt)
+        self.d_targets[:B] = 1
+        self.g_targets = np.ones((B, 1), dt)
+        self.probs = np.zeros((2 * B, 1), dt)
+        # Views used every step, cut once.
+        self._real = self.d_input[:B]
+        self._fake = self.d_input[B:]
+        self._noise_real = self.noise[:B]
+        self._noise_fake = self.noise[B:]
+        self._probs_real = self.probs[:B]
+        self._probs_fake = self.probs[B:]
+        self._probs_g = self.probs[:B]
+        self._d_grad_out = self.D.grad_output(2 * B)
+        self._g_grad_out = self.D.grad_output(B)
+        self.steps = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.config.batch_size
+
+    # -- the two halves of a step, on the step buffers -----------------------
+
+    def _draw(self, noise: np.ndarray, std: float):
+        self.rng.standard_normal(out=self.z, dtype=self.dtype)
+        if std > 0:
+            self.rng.standard_normal(out=noise, dtype=self.dtype)
+        else:
+            noise[...] = 0
+
+    def _discriminator_pass(self, std: float) -> tuple[float, float, float]:
+        """D loss and D's gradients, from the real rows of d_input, z and noise."""
+        fake = self.G.forward(self.z, train=True)
+        K.add_noise(self._real, self._noise_real, std, self._real)
+        K.add_noise(fake, self._noise_fake, std, self._fake)
+        logits = self.D.forward(self.d_input)
+        loss = K.sigmoid_bce(logits, self.d_targets, self.probs, self._d_grad_out)
+        self.D.backward(self._d_grad_out, param_grads=True)
+        return loss, float(self._probs_real.mean()), float(self._probs_fake.mean())
+
+    def _generator_pass(self, std: float) -> float:
+        """G loss and G's gradients, from z and the first B rows of noise."""
+        fake = self.G.forward(self.z, train=True)
+        K.add_noise(fake, self._noise_real, std, self._real)
+        logits = self.D.forward(self._real)
+        loss = K.sigmoid_bce(logits, self.g_targets, self._probs_g, self._g_grad_out)
+        # Noise is additive, so d loss / d fake = d loss / d (fake + noise).
+        d_fake = self.D.backward(self._g_grad_out, param_grads=False)
+        self.G.backward(d_fake, param_grads=True)
+        return loss
+
+    # -- public ------------------------------------------------------------------
+
+    def train_step(self, images: np.ndarray, idx: np.ndarray, noise_std: float) -> StepStats:
+        """One D update then one G update. images: (N, image_dim) uint8; idx: (B,) int64."""
+        if not noise_std >= 0:
+            raise ValueError(f"noise_std must be >= 0, got {noise_std}")
+        c = self.config
+        K.gather_batch(images, idx, self._real)
+        self._draw(self.noise, noise_std)
+        d_loss, d_real, d_fake = self._discriminator_pass(noise_std)
+        self.D.adam_update(c.lr, c.beta1, c.beta2, c.adam_eps)
+        self._draw(self._noise_real, noise_std)
+        g_loss = self._generator_pass(noise_std)
+        self.G.adam_update(c.lr, c.beta1, c.beta2, c.adam_eps)
+        self.steps += 1
+        return StepStats(d_loss, g_loss, d_real, d_fake)
+
+    def discriminator_gradients(self, real, z, noise, noise_std: float) -> float:
+        """D loss for given inputs, its gradients left in D.grads; no update.
+
+        real: (B, image_dim) floats in [-1, 1]; z: (B, latent_dim);
+        noise: (2B, image_dim) standard normal draws. For tests and tools.
+        """
+        self._real[...] = real
+        self.z[...] = z
+        self.noise[...] = noise
+        return self._discriminator_pass(noise_std)[0]
+
+    def generator_gradients(self, z, noise, noise_std: float) -> float:
+        """G loss for given z (B, latent_dim), noise (B, image_dim); gradients in G.grads."""
+        self.z[...] = z
+        self._noise_real[...] = noise
+        return self._generator_pass(noise_std)
+
+    def generate(self, z: np.ndarray, *, batch_stats: bool = False) -> np.ndarray:
+        """Images in [-1, 1], shape (n, image_dim), from z (n, latent_dim); a new array.
+
+        batch_stats=False uses batch norm's running statistics (evaluation
+        mode); True normalises with the statistics of each chunk of
+        batch_size rows, as during training, without moving the running
+        statistics (n must then be >= 2).
+        """
+        z = np.asarray(z)
+        c = self.config
+        if z.ndim != 2 or z.shape[1] != c.latent_dim:
+            raise ValueError(f"z has shape {z.shape}, expected (n, {c.latent_dim})")
+        if not np.issubdtype(z.dtype, np.floating):
+            raise TypeError(f"z must be a float array, got {z.dtype}")
+        z = np.ascontiguousarray(z, dtype=self.dtype)
+        if not K.all_finite(z):
+            raise ValueError("z contains NaN or infinity")
+        n = z.shape[0]
+        if batch_stats and n < 2:
+            raise ValueError("generating with batch statistics needs n >= 2")
+        out = np.empty((n, c.image_dim), self.dtype)
+        B = c.batch_size
+        start = 0
+        while start < n:
+            stop = min(start + B, n)
+            if batch_stats and stop - start < 2:
+                start = stop - 2  # a lone last row joins the chunk before it
+            out[start:stop] = self.G.forward(z[start:stop], train=batch_stats, update_running=False)
+            start = stop
+        return out
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Every array of the training state, prefixed 'G.' and 'D.' (views)."""
+        s = {f"G.{k}": v for k, v in self.G.state().items()}
+        s.update({f"D.{k}": v for k, v in self.D.state().items()})
+        s["steps"] = np.array(self.steps, np.int64)
+        return s
+
+    def load_state(self, state: dict[str, np.ndarray]):
+        self.G.load_state({k[2:]: v for k, v in state.items() if k.startswith("G.")})
+        self.D.load_state({k[2:]: v for k, v in state.items() if k.startswith("D.")})
+        self.steps = int(state["steps"])

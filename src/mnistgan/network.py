@@ -1,0 +1,288 @@
+"""A fully connected network over buffers allocated once.
+
+`DenseStack` is a stack of dense layers: hidden layers are dense -> ReLU
+(-> batch norm, if asked), the last layer is dense -> tanh or dense alone
+(logits). Forward and backward call the Cython kernels on preallocated
+arrays; the training loop allocates nothing.
+
+Memory layout. All trainable parameters live in one flat array `flat_params`
+and their gradients in `flat_grads`, with the same layout; `params` and
+`grads` map names to views of them ("dense0.weight" of shape (d_in, d_out),
+"dense0.bias", "bn0.weight", "bn0.bias"), so one Adam call updates a whole
+network and the named arrays are the very memory the kernels update.
+Batch-norm running statistics live in `flat_buffers` ("bn0.running_mean",
+"bn0.running_var").
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import _kernels as K
+
+OUTPUTS = ("tanh", "linear")
+
+
+class _Views:
+    """The activation and gradient buffers cut to n rows (views, made once)."""
+
+    def __init__(self, stack: "DenseStack", n: int):
+        self.n = n
+        self.pre = [a[:n] for a in stack._pre]
+        self.post = [a[:n] for a in stack._post]
+        self.gpre = [a[:n] for a in stack._gpre]
+        self.gpost = [a[:n] for a in stack._gpost]
+        self.ginput = stack._ginput[:n] if stack._ginput is not None else None
+
+
+class DenseStack:
+    """Fully connected network with every buffer preallocated.
+
+    sizes: layer widths, input first, e.g. [100, 128, 256, 512, 1024, 784].
+    hidden_batchnorm: batch norm after each hidden ReLU.
+    output: "tanh" or "linear" (logits).
+    max_batch: the largest number of rows a forward pass may take.
+    input_grad: allocate a buffer for the gradient w.r.t. the input
+        (a discriminator needs it to pass gradients to the generator).
+    rng: numpy Generator used for the initialisation (PyTorch's nn.Linear
+        default: weight and bias uniform in +-1/sqrt(fan_in)).
+    """
+
+    def __init__(self, sizes, *, hidden_batchnorm: bool, output: str, max_batch: int,
+                 dtype="float32", rng: np.random.Generator, input_grad: bool = False,
+                 bn_momentum: float = 0.1, bn_eps: float = 1e-5, name: str = "net"):
+        sizes = [int(s) for s in sizes]
+        if len(sizes) < 2 or min(sizes) < 1:
+            raise ValueError(f"sizes must list at least 2 positive widths, got {sizes}")
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.name = name
+        self.sizes = sizes
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.float32, np.float64):
+            raise TypeError(f"dtype must be float32 or float64, got {self.dtype}")
+        self.hidden_batchnorm = bool(hidden_batchnorm)
+        self.output = output
+        self.max_batch = int(max_batch)
+        self.bn_momentum = float(bn_momentum)
+        self.bn_eps = float(bn_eps)
+        self.n_layers = len(sizes) - 1
+        self.adam_steps = 0
+
+        self._allocate_parameters()
+        self._init_parameters(rng)
+        self._allocate_activations(input_grad)
+        self._views: dict[int, _Views] = {}
+        self._last_input = None
+        self._last_n = 0
+        self._last_train = False
+
+    # -- allocation ---------------------------------------------------------
+
+    def _param_shapes(self):
+        shapes = []
+        for i, (d_in, d_out) in enumerate(zip(self.sizes[:-1], self.sizes[1:])):
+            shapes.append((f"dense{i}.weight", (d_in, d_out)))
+            shapes.append((f"dense{i}.bias", (d_out,)))
+            if self.hidden_batchnorm and i < self.n_layers - 1:
+                shapes.append((f"bn{i}.weight", (d_out,)))
+                shapes.append((f"bn{i}.bias", (d_out,)))
+        return shapes
+
+    def _allocate_parameters(self):
+        shapes = self._param_shapes()
+        total = sum(math.prod(s) for _, s in shapes)
+        self.flat_params = np.zeros(total, self.dtype)
+        self.flat_grads = np.zeros(total, self.dtype)
+        self.adam_m = np.zeros(total, self.dtype)
+        self.adam_v = np.zeros(total, self.dtype)
+        self.params: dict[str, np.ndarray] = {}
+        self.grads: dict[str, np.ndarray] = {}
+        offset = 0
+        for name, shape in shapes:
+            size = math.prod(shape)
+            self.params[name] = self.flat_params[offset:offset + size].reshape(shape)
+            self.grads[name] = self.flat_grads[offset:offset + size].reshape(shape)
+            offset += size
+
+        n_bn = self.n_layers - 1 if self.hidden_batchnorm else 0
+        bn_sizes = self.sizes[1:1 + n_bn]
+        self.flat_buffers = np.zeros(2 * sum(bn_sizes), self.dtype)
+        self.buffers: dict[str, np.ndarray] = {}
+        offset = 0
+        for i, d in enumerate(bn_sizes):
+            for stat in ("running_mean", "running_var"):
+                self.buffers[f"bn{i}.{stat}"] = self.flat_buffers[offset:offset + d]
+                offset += d
+
+        L = self.n_layers
+        self.W = [self.params[f"dense{i}.weight"] for i in range(L)]
+        self.b = [self.params[f"dense{i}.bias"] for i in range(L)]
+        self.dW = [self.grads[f"dense{i}.weight"] for i in range(L)]
+        self.db = [self.grads[f"dense{i}.bias"] for i in range(L)]
+        self.gamma = [self.params[f"bn{i}.weight"] for i in range(n_bn)]
+        self.beta = [self.params[f"bn{i}.bias"] for i in range(n_bn)]
+        self.dgamma = [self.grads[f"bn{i}.weight"] for i in range(n_bn)]
+        self.dbeta = [self.grads[f"bn{i}.bias"] for i in range(n_bn)]
+        self.running_mean = [self.buffers[f"bn{i}.running_mean"] for i in range(n_bn)]
+        self.running_var = [self.buffers[f"bn{i}.running_var"] for i in range(n_bn)]
+        # Batch statistics of the last training forward, for the backward.
+        self._batch_mean = [np.zeros(d, self.dtype) for d in bn_sizes]
+        self._batch_invstd = [np.zeros(d, self.dtype) for d in bn_sizes]
+
+    def _init_parameters(self, rng: np.random.Generator):
+        """PyTorch nn.Linear default; batch norm gamma 1, beta 0, var 1."""
+        for i, (d_in, d_out) in enumerate(zip(self.sizes[:-1], self.sizes[1:])):
+            bound = 1.0 / math.sqrt(d_in)
+            # Drawn in float64 and rounded, so float32 and float64 networks
+            # from one seed start from the same point.
+            self.W[i][...] = rng.uniform(-bound, bound, size=(d_in, d_out))
+            self.b[i][...] = rng.uniform(-bound, bound, size=d_out)
+        for g in self.gamma:
+            g[...] = 1
+        for rv in self.running_var:
+            rv[...] = 1
+
+    def _allocate_activations(self, input_grad: bool):
+        B = self.max_batch
+        outs = self.sizes[1:]
+        last = self.n_layers - 1
+        self._pre = [np.zeros((B, d), self.dtype) for d in outs]
+        # Without batch norm a layer's output is its (ReLU'd) pre-activation.
+        self._post = [np.zeros((B, d), self.dtype) if self.hidden_batchnorm and i < last
+                      else self._pre[i] for i, d in enumerate(outs)]
+        self._gpre = [np.zeros((B, d), self.dtype) for d in outs]
+        self._gpost = [np.zeros((B, d), self.dtype) if self.hidden_batchnorm and i < last
+                       else self._gpre[i] for i, d in enumerate(outs)]
+        if self.output == "tanh":
+            self._gpost[last] = np.zeros((B, outs[last]), self.dtype)
+        self._ginput = np.zeros((B, self.sizes[0]), self.dtype) if input_grad else None
+
+    def views(self, n: int) -> _Views:
+        """Buffers cut to n rows; made on first use of each n, then reused."""
+        v = self._views.get(n)
+        if v is None:
+            if not 1 <= n <= self.max_batch:
+                raise ValueError(f"{self.name}: batch of {n} rows, allowed 1..{self.max_batch}")
+            v = self._views[n] = _Views(self, n)
+        return v
+
+    # -- forward and backward ----------------------------------------------
+
+    def forward(self, x: np.ndarray, *, train: bool = True, update_running: bool = True):
+        """Run the network on x (n, sizes[0]); returns the output view (n, sizes[-1]).
+
+        train=True uses batch statistics in batch norm (and, with
+        update_running, moves the running statistics); train=False uses the
+        running statistics. The returned array is an internal buffer,
+        overwritten by the next forward.
+        """
+        n = x.shape[0] if x.ndim == 2 else -1
+        v = self.views(n) if n >= 1 else None
+        if v is None or x.shape[1:] != (self.sizes[0],):
+            raise ValueError(f"{self.name}: input has shape {x.shape}, expected (n, {self.sizes[0]})")
+        if train and self.hidden_batchnorm and n < 2:
+            raise ValueError(f"{self.name}: batch norm in training mode needs at least 2 rows, got {n}")
+        last = self.n_layers - 1
+        a = x
+        for i in range(self.n_layers):
+            h = v.pre[i]
+            K.dense_forward(a, self.W[i], self.b[i], h)
+            if i < last:
+                K.relu_forward(h, h)
+                if self.hidden_batchnorm:
+                    if train:
+                        K.batchnorm_forward(h, self.gamma[i], self.beta[i], self.running_mean[i],
+                                            self.running_var[i], self._batch_mean[i],
+                                            self._batch_invstd[i], v.post[i],
+                                            momentum=self.bn_momentum, eps=self.bn_eps,
+                                            update_running=update_running)
+                    else:
+                        K.batchnorm_eval(h, self.gamma[i], self.beta[i], self.running_mean[i],
+                                         self.running_var[i], v.post[i], eps=self.bn_eps)
+                a = v.post[i]
+            elif self.output == "tanh":
+                K.tanh_forward(h, h)
+        self._last_input = x
+        self._last_n = n
+        self._last_train = train
+        return v.pre[last]
+
+    def grad_output(self, n: int) -> np.ndarray:
+        """The buffer (n, sizes[-1]) in which to write dLoss/dOutput before backward."""
+        return self.views(n).gpost[self.n_layers - 1]
+
+    def backward(self, grad_out: np.ndarray, *, param_grads: bool = True):
+        """Backpropagate grad_out (n, sizes[-1]) through the last forward pass.
+
+        param_grads=True writes every parameter gradient into `grads`
+        (overwriting, not accumulating). param_grads=False computes only what
+        the input gradient needs (the gradients in `grads` are then stale).
+        Returns the input gradient (n, sizes[0]) if the network has an input
+        gradient buffer, else None.
+        """
+        n = self._last_n
+        if n == 0 or self._last_input is None:
+            raise RuntimeError(f"{self.name}: backward called before forward")
+        if self.hidden_batchnorm and not self._last_train:
+            raise RuntimeError(f"{self.name}: backward needs a forward with train=True")
+        v = self.views(n)
+        last = self.n_layers - 1
+        g = grad_out
+        for i in range(last, -1, -1):
+            if i == last:
+                if self.output == "tanh":
+                    K.tanh_backward(v.pre[i], g, v.gpre[i])
+                    g = v.gpre[i]
+            else:
+                if self.hidden_batchnorm:
+                    # Without param_grads the dgamma/dbeta written here are
+                    # scratch: batch norm's dX needs both sums anyway.
+                    K.batchnorm_backward(v.pre[i], self._batch_mean[i], self._batch_invstd[i],
+                                         self.gamma[i], g, self.dgamma[i], self.dbeta[i], v.gpre[i])
+                    K.relu_backward(v.pre[i], v.gpre[i], v.gpre[i])
+                else:
+                    K.relu_backward(v.pre[i], g, v.gpre[i])
+                g = v.gpre[i]
+            a_in = self._last_input if i == 0 else v.post[i - 1]
+            dx = v.gpost[i - 1] if i > 0 else v.ginput
+            if param_grads:
+                K.dense_backward(a_in, self.W[i], g, self.dW[i], self.db[i], dx)
+            elif dx is not None:
+                K.dense_backward(a_in, self.W[i], g, None, None, dx)
+        return v.ginput
+
+    # -- optimizer ----------------------------------------------------------
+
+    def adam_update(self, lr: float, beta1: float, beta2: float, eps: float):
+        """One Adam step of every parameter from the gradients in `grads`."""
+        self.adam_steps += 1
+        K.adam_step(self.flat_params, self.flat_grads, self.adam_m, self.adam_v,
+                    lr=lr, beta1=beta1, beta2=beta2, eps=eps, step=self.adam_steps)
+
+    # -- state --------------------------------------------------------------
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Every array that defines this network's training state (views, not copies)."""
+        return {"params": self.flat_params, "buffers": self.flat_buffers,
+                "adam_m": self.adam_m, "adam_v": self.adam_v,
+                "adam_steps": np.array(self.adam_steps, np.int64)}
+
+    def load_state(self, state: dict[str, np.ndarray]):
+        """Copy a state() dict back in, checking every shape and dtype."""
+        for key in ("params", "buffers", "adam_m", "adam_v"):
+            src = np.asarray(state[key])
+            dst = getattr(self, "flat_" + key if key in ("params", "buffers") else key)
+            if src.shape != dst.shape:
+                raise ValueError(f"{self.name}.{key}: shape {src.shape} does not match {dst.shape}")
+            if src.dtype != dst.dtype:
+                raise ValueError(f"{self.name}.{key}: dtype {src.dtype} does not match {dst.dtype}")
+            dst[...] = src
+        self.adam_steps = int(state["adam_steps"])
+
+    @property
+    def n_params(self) -> int:
+        return self.flat_params.size
