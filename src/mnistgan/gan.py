@@ -109,6 +109,10 @@ class GAN:
         if not noise_std >= 0:
             raise ValueError(f"noise_std must be >= 0, got {noise_std}")
         c = self.config
+        if getattr(images, "ndim", 0) != 2 or images.shape[1] != c.image_dim:
+            raise ValueError(f"images has shape {getattr(images, 'shape', None)}, expected (N, {c.image_dim})")
+        if getattr(idx, "shape", None) != (c.batch_size,):
+            raise ValueError(f"idx has shape {getattr(idx, 'shape', None)}, expected ({c.batch_size},)")
         K.gather_batch(images, idx, self._real)
         self._draw(self.noise, noise_std)
         d_loss, d_real, d_fake = self._discriminator_pass(noise_std)

@@ -253,6 +253,7 @@ class DenseStack:
                 K.dense_backward(a_in, self.W[i], g, self.dW[i], self.db[i], dx)
             elif dx is not None:
                 K.dense_backward(a_in, self.W[i], g, None, None, dx)
+            g = dx
         return v.ginput
 
     # -- optimizer ----------------------------------------------------------
