@@ -3,5 +3,6 @@ from ._version import __version__
 from .config import Config
 from .gan import GAN, StepStats
 from .network import DenseStack
+from .trainer import Trainer, TrainingDiverged
 
-__all__ = ["__version__", "Config", "GAN", "StepStats", "DenseStack"]
+__all__ = ["__version__", "Config", "GAN", "StepStats", "DenseStack", "Trainer", "TrainingDiverged"]
