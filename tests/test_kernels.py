@@ -110,6 +110,12 @@ def test_relu_and_tanh(rng, dtype, shape):
     K.tanh_backward(T, dY, dX)
     np.testing.assert_allclose(dX, dY * (1 - T.astype(np.float64) ** 2), **tol(dtype))
 
+    # NaN passes through ReLU, as in PyTorch, so divergence reaches the loss.
+    nan = np.array([np.nan, -1.0, 2.0], dtype)
+    out = np.empty_like(nan)
+    K.relu_forward(nan, out)
+    assert np.isnan(out[0]) and out[1] == 0 and out[2] == 2
+
     # In place is allowed for elementwise kernels.
     Z = X.copy()
     K.tanh_forward(Z, Z)

@@ -29,6 +29,7 @@ import struct
 import sys
 import urllib.error
 import urllib.request
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,7 +105,7 @@ def read_idx(path, expect_magic: int | None = None) -> np.ndarray:
                     break
                 got += n
             extra = len(f.read(1))
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
         raise DataError(f"{path}: unreadable or truncated ({e})") from None
     if got < total:
         raise DataError(f"{path}: truncated: header promises {total} bytes of data, file holds {got}")
@@ -339,6 +340,10 @@ def load_npz(path: Path, split: str = "train"):
         raise
     except Exception as e:
         raise DataError(f"{path}: not a readable .npz file ({e})") from None
+    # numpy hands back raw bytes for a member that is not a valid .npy.
+    for name, arr in ((key, images), ("y" + key[1:], labels)):
+        if arr is not None and not isinstance(arr, np.ndarray):
+            raise DataError(f"{path}: {name} is not a numpy array in .npy format")
     if images.dtype != np.uint8:
         raise DataError(f"{path}: {key} has dtype {images.dtype}, expected uint8 pixels 0..255")
     if images.ndim != 3:

@@ -19,6 +19,7 @@ from typing import Callable
 
 import numpy as np
 
+from . import _kernels as K
 from . import checkpoint as ckpt
 from .config import Config
 from .gan import GAN, StepStats
@@ -105,12 +106,23 @@ class Trainer:
                 self._record(stats)
                 if on_step is not None:
                     on_step(self, stats)
+            self._check_parameters()
             self.epoch += 1
             self.batch = 0
             self.order = np.zeros(0, np.int64)
             if on_epoch is not None:
                 on_epoch(self)
         return True
+
+    def _check_parameters(self):
+        """Losses catch most blow-ups at once; this catches a parameter gone
+        NaN or infinite that the losses have not shown yet (one pass, ~1 ms)."""
+        for net in (self.gan.G, self.gan.D):
+            for name, array in (("parameters", net.flat_params), ("Adam moments", net.adam_v),
+                                ("batch-norm statistics", net.flat_buffers)):
+                if array.size and not K.all_finite(array):
+                    raise TrainingDiverged(f"training diverged by step {self.step} (epoch {self.epoch + 1}): "
+                                           f"the {net.name}'s {name} hold NaN or infinity")
 
     def _record(self, stats: StepStats):
         if not (math.isfinite(stats.d_loss) and math.isfinite(stats.g_loss)):
@@ -151,7 +163,10 @@ class Trainer:
     # -- save and load ------------------------------------------------------------
 
     def save(self, path):
-        """Write a checkpoint (temporary file, then rename)."""
+        """Write a checkpoint (temporary file, then rename). A state holding
+        NaN or infinity is refused, so a good checkpoint is never replaced by
+        a broken one."""
+        self._check_parameters()
         ckpt.save(path, config=self.config, state=self.gan.state(), rng=self.rng,
                   epoch=self.epoch, batch=self.batch, order=self.order, history=self.history)
 

@@ -1,0 +1,257 @@
+"""Faults injected on purpose: divergence, signals, kill -9, full disks,
+untrusted checkpoints; and determinism."""
+import errno
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from threadpoolctl import threadpool_limits
+
+from mnistgan import Config, Trainer, TrainingDiverged
+from mnistgan import train as train_cli
+from mnistgan.checkpoint import CheckpointError
+from mnistgan.data import load_images
+from mnistgan.gan import GAN
+
+SMALL = dict(latent_dim=8, g_hidden=(32, 64), d_hidden=(64, 32), batch_size=20)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return load_images("mnist-sample")[:200]
+
+
+@pytest.fixture(scope="module")
+def npz_1000(tmp_path_factory):
+    path = tmp_path_factory.mktemp("d") / "mnist1000.npz"
+    np.savez(path, x_train=load_images("mnist-sample")[:1000])
+    return path
+
+
+# -- divergence --------------------------------------------------------------------
+
+def test_nan_loss_stops_training_naming_the_step(images):
+    t = Trainer(Config(**SMALL, epochs=3))
+
+    def poison(tr, stats):
+        if tr.step == 13:
+            tr.gan.D.params["dense1.weight"][0, 0] = np.nan
+
+    with pytest.raises(TrainingDiverged, match="at step 14 "):
+        t.fit(images, on_step=poison)
+
+
+def test_nan_parameter_without_nan_loss_is_caught_at_epoch_end(images):
+    t = Trainer(Config(**SMALL, epochs=2))
+
+    def poison(tr, stats):
+        if tr.batch == 10:  # the last step of epoch 1: no loss sees it before the check
+            tr.gan.G.adam_v[5] = np.inf
+
+    with pytest.raises(TrainingDiverged, match="generator's Adam moments hold NaN or infinity"):
+        t.fit(images, on_step=poison)
+
+
+def test_diverged_state_is_never_saved(images, tmp_path):
+    t = Trainer(Config(**SMALL))
+    t.save(tmp_path / "c.npz")
+    before = (tmp_path / "c.npz").read_bytes()
+    t.gan.G.flat_params[3] = np.nan
+    with pytest.raises(TrainingDiverged):
+        t.save(tmp_path / "c.npz")
+    assert (tmp_path / "c.npz").read_bytes() == before
+
+
+def test_cli_divergence_keeps_last_good_checkpoint(npz_1000, tmp_path, monkeypatch, capsys):
+    real_step = GAN.train_step
+
+    def step(self, images, idx, std):
+        stats = real_step(self, images, idx, std)
+        return stats._replace(d_loss=float("nan")) if self.steps == 30 else stats  # in epoch 2
+
+    monkeypatch.setattr(GAN, "train_step", step)
+    out = tmp_path / "run"
+    rc = train_cli.main(["--data", str(npz_1000), "--epochs", "3", "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "training diverged at step 30 (epoch 2)" in err and "last good checkpoint is kept" in err
+    assert "Traceback" not in err
+    kept = Trainer.load(out / "checkpoint.npz")
+    assert kept.epoch == 1 and kept.step == 20
+
+
+# -- signals and kill -9 ---------------------------------------------------------------
+
+def start_training(data, out, *extra):
+    return subprocess.Popen([sys.executable, "-m", "mnistgan.train", "--data", str(data), "--epochs", "4",
+                             "--no-progress", "--seed", "5", "--threads", "1", "--out", str(out), *extra],
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_sigterm_saves_and_exits_cleanly(npz_1000, tmp_path):
+    p = start_training(npz_1000, tmp_path / "run")
+    deadline = time.time() + 120
+    while not (tmp_path / "run" / "checkpoint.npz").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and "stopped by SIGTERM" in err and "Traceback" not in err
+    Trainer.load(tmp_path / "run" / "checkpoint.npz")
+
+
+def test_kill_9_at_random_moments_never_breaks_the_checkpoint(npz_1000, tmp_path):
+    straight = tmp_path / "straight"
+    assert start_training(npz_1000, straight).wait(timeout=300) == 0
+
+    out = tmp_path / "killed"
+    rnd = random.Random(1234)
+    kills = 0
+    for attempt in range(8):
+        p = start_training(npz_1000, out, *(["--resume", str(out)] if (out / "checkpoint.npz").exists() else []))
+        time.sleep(rnd.uniform(0.5, 3.0))  # often mid-epoch, sometimes mid-save
+        if p.poll() is None:
+            p.kill()
+            kills += 1
+        p.communicate(timeout=120)
+        if (out / "checkpoint.npz").exists():
+            Trainer.load(out / "checkpoint.npz")  # always whole and loadable
+        if p.returncode == 0:
+            break
+    assert kills >= 2
+    if not (out / "checkpoint.npz").exists() or Trainer.load(out / "checkpoint.npz").epoch < 4:
+        p = start_training(npz_1000, out, *(["--resume", str(out)] if (out / "checkpoint.npz").exists() else []))
+        assert p.wait(timeout=300) == 0
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+    a, b = Trainer.load(straight / "checkpoint.npz"), Trainer.load(out / "checkpoint.npz")
+    assert np.array_equal(a.gan.G.flat_params, b.gan.G.flat_params)
+    assert np.array_equal(a.gan.D.adam_v, b.gan.D.adam_v)
+    assert a.history == b.history
+
+
+# -- disk -----------------------------------------------------------------------------------
+
+def test_run_folder_that_cannot_be_created(npz_1000, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    rc = train_cli.main(["--data", str(npz_1000), "--out", str(blocker / "run"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "cannot write the run folder" in err and len(err.strip().splitlines()) == 1
+
+
+def test_disk_full_while_saving_keeps_previous_checkpoint(images, tmp_path, monkeypatch):
+    t = Trainer(Config(**SMALL, epochs=2))
+    t.fit(images, epochs=1)
+    t.save(tmp_path / "c.npz")
+    before = (tmp_path / "c.npz").read_bytes()
+    t.fit(images, epochs=1)
+
+    real_write = np.lib.format.write_array
+    calls = {"n": 0}
+
+    def write_array(fp, array, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:  # a few arrays in: the disk fills up
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fp, array, *a, **k)
+
+    monkeypatch.setattr(np.lib.format, "write_array", write_array)
+    with pytest.raises(OSError, match="No space left"):
+        t.save(tmp_path / "c.npz")
+    assert (tmp_path / "c.npz").read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["c.npz"]
+    assert Trainer.load(tmp_path / "c.npz").epoch == 1
+
+
+def test_cli_reports_a_full_disk_in_one_line(npz_1000, tmp_path, monkeypatch, capsys):
+    from mnistgan import checkpoint
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "checkpoint.npz"))
+
+    monkeypatch.setattr(checkpoint, "save", full)
+    rc = train_cli.main(["--data", str(npz_1000), "--epochs", "1", "--out", str(tmp_path / "run"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "No space left on device" in err and "Traceback" not in err
+
+
+# -- untrusted checkpoints ----------------------------------------------------------------------
+
+def tampered(tmp_path, **changes):
+    t = Trainer(Config(**SMALL))
+    t.save(tmp_path / "good.npz")
+    with np.load(tmp_path / "good.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    for k, v in changes.items():
+        k = k.replace("__", ".")
+        if v is None:
+            del arrays[k]
+        else:
+            arrays[k] = v
+    path = tmp_path / "bad.npz"
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(G__params=np.zeros(10, np.float32)), r"generator.params: shape \(10,\) does not match"),
+    (dict(D__adam_m=np.zeros(1, np.float64)), r"discriminator.adam_m: shape \(1,\)"),
+    (dict(G__buffers=None), "does not fit the model"),
+    (dict(rng_state=None), "missing rng_state"),
+    (dict(config=np.array('{"latent_dim": 8, "learning_rate": 1}')), "unknown config field"),
+    (dict(format=np.array(7)), "checkpoint format 7"),
+    (dict(G__params=np.array([object()], dtype=object)), "damaged or not a mnistgan checkpoint"),
+])
+def test_tampered_checkpoints_are_refused_with_what_differs(tmp_path, changes, message):
+    with pytest.raises(CheckpointError, match=message):
+        Trainer.load(tampered(tmp_path, **changes))
+
+
+def test_wrong_dtype_in_checkpoint(tmp_path):
+    t = Trainer(Config(**SMALL))
+    n = t.gan.D.flat_params.size
+    path = tampered(tmp_path, D__params=np.zeros(n, np.float64))
+    with pytest.raises(CheckpointError, match="discriminator.params: dtype float64 does not match float32"):
+        Trainer.load(path)
+
+
+# -- determinism ------------------------------------------------------------------------------------
+
+def run_steps(threads, steps=15):
+    """Train `steps` steps of the reference model with `threads` BLAS threads."""
+    images = load_images("mnist-sample")[:1000]
+    with threadpool_limits(limits=threads, user_api="blas"):
+        t = Trainer(Config(epochs=1))
+        losses = []
+        t.fit(images[: 50 * steps], on_step=lambda tr, s: losses.append(s))
+        return t, losses, t.sample(16, seed=3)
+
+
+def test_same_seed_same_everything_with_one_thread():
+    a, la, sa = run_steps(1)
+    b, lb, sb = run_steps(1)
+    assert la == lb
+    assert np.array_equal(sa, sb)
+    assert np.array_equal(a.gan.G.flat_params, b.gan.G.flat_params)
+
+
+def test_two_threads_stay_within_float32_round_off():
+    """With 2 threads BLAS may split a product differently, which changes the
+    order of additions. After 5 steps the two runs differ by float32
+    round-off (measured: 1.2e-6 at most, on parameters of scale 1). Longer
+    runs drift apart -- Adam divides each gradient by its own running scale,
+    so a near-zero component's rounding decides a full-size step (measured
+    after 15 steps: losses still within 5e-5, weights up to 7e-4 apart);
+    README "What happens when things go wrong" says so."""
+    a, la, _ = run_steps(1, steps=5)
+    b, lb, _ = run_steps(2, steps=5)
+    for x, y in zip(la, lb):
+        for u, v in zip(x, y):
+            assert abs(u - v) <= 1e-6 * max(1.0, abs(v))
+    for net_a, net_b in ((a.gan.G, b.gan.G), (a.gan.D, b.gan.D)):
+        err = np.abs(net_a.flat_params - net_b.flat_params).max()
+        assert err <= 1e-5 * np.abs(net_a.flat_params).max()
