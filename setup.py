@@ -28,7 +28,11 @@ else:
     # never read the floating-point exception flags). Neither changes results.
     compile_args = (["-O0", "-g", "-fsanitize=address", "-fno-omit-frame-pointer"] if DEBUG
                     else ["-O3", "-fno-math-errno", "-fno-trapping-math"])
-link_args = ["-fsanitize=address"] if DEBUG and sys.platform != "win32" else []
+if sys.platform.startswith("linux"):
+    # Strip the symbol tables from the release build: the wheel shrinks ~4x.
+    link_args = ["-fsanitize=address"] if DEBUG else ["-s"]
+else:
+    link_args = []
 
 extensions = [
     Extension(

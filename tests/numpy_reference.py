@@ -141,6 +141,21 @@ class RefGAN:
                         [D.params[f"dense{i}.bias"] for i in range(nD)], output="linear")
         self.rng = np.random.default_rng(seed)
 
+    def sync_from(self, gan):
+        """Copy the package GAN's whole training state (parameters, Adam
+        moments and counts, running statistics, random stream) into this one."""
+        for net, ref in ((gan.G, self.G), (gan.D, self.D)):
+            for name, p in ref.params().items():
+                p[...] = net.params[name]
+                offset = (net.params[name].ctypes.data - net.flat_params.ctypes.data) // p.itemsize
+                ref.m[name] = net.adam_m[offset:offset + p.size].reshape(p.shape).copy()
+                ref.v[name] = net.adam_v[offset:offset + p.size].reshape(p.shape).copy()
+            ref.t = net.adam_steps
+        for i in range(len(self.G.rm)):
+            self.G.rm[i] = gan.G.running_mean[i].copy()
+            self.G.rv[i] = gan.G.running_var[i].copy()
+        self.rng.bit_generator.state = gan.rng.bit_generator.state
+
     def d_loss_and_grads(self, real, z, noise, std):
         B = real.shape[0]
         fake, _ = self.G.forward(z)

@@ -80,6 +80,16 @@ def network_rel_diff(net, ref_params: dict, per_array: bool):
 @pytest.mark.parametrize("dtype,limit", [("float64", 1e-9), ("float32", 1e-4)])
 @pytest.mark.parametrize("size", ["small", "reference"])
 def test_step_matches_numpy_reference_for_20_steps(dtype, limit, size):
+    """20 steps from the same seed.
+
+    float64: the two implementations run free for all 20 steps.
+    float32: before each step the reference takes the kernels' state, and
+    the step itself is compared. Free-running float32 runs separate as soon
+    as one ReLU input lands within rounding of 0 and flips: measured with
+    scipy 1.11's OpenBLAS at step ~8 of this very test (1e-6 -> 3e-4, then
+    chaos), while with scipy 1.17's they stayed within 2e-6 for 20 steps. It
+    is a property of float32 GANs, not of either implementation.
+    """
     kw = SMALL if size == "small" else {}
     cfg = Config(**{**kw, "dtype": dtype})
     gan = GAN(cfg)
@@ -88,26 +98,28 @@ def test_step_matches_numpy_reference_for_20_steps(dtype, limit, size):
     data_rng = np.random.default_rng(7)
     images = data_rng.integers(0, 256, (200, cfg.image_dim), dtype=np.uint8)
     for step in range(20):
+        if dtype == "float32":
+            ref.sync_from(gan)
         idx = data_rng.integers(0, 200, cfg.batch_size)
         std = 0.1 * (1 - step / 20)  # annealed, as in training
         got = gan.train_step(images, idx, std)
         want = ref.step(images, idx, std)
         for g, w in zip(got, want):
             assert abs(g - w) <= limit * max(abs(w), 1e-3), (step, got, want)
-    # float64: every parameter array on its own scale. float32: on the scale
-    # of its network, because Adam's first steps move a parameter by about
-    # lr * sign(grad): batch-norm biases start at 0 and hold only such steps,
-    # and a gradient component that cancels to near 0 takes its float32
-    # value from the summation order, which differs between the two
-    # implementations (measured: up to 1.2e-4 on bn1.bias alone, 1e-5 on
-    # the network's scale).
-    per_array = dtype == "float64"
-    assert network_rel_diff(gan.G, ref.G.params(), per_array) < limit
-    assert network_rel_diff(gan.D, ref.D.params(), per_array) < limit
-    for i in range(len(gan.G.running_mean)):
-        assert max_rel_diff(gan.G.running_mean[i], ref.G.rm[i]) < limit
-        assert max_rel_diff(gan.G.running_var[i], ref.G.rv[i]) < limit
-    assert gan.G.adam_steps == gan.D.adam_steps == 20
+        # float64: every parameter array on its own scale. float32: on the
+        # scale of its network, because an Adam step moves a parameter by
+        # about lr * m / sqrt(v): batch-norm biases start at 0 and hold only
+        # such steps, and a gradient component that cancels to near 0 takes
+        # its float32 value from the summation order, which differs between
+        # the implementations (measured: up to 1.2e-4 on bn1.bias alone,
+        # 2e-5 on the network's scale).
+        per_array = dtype == "float64"
+        assert network_rel_diff(gan.G, ref.G.params(), per_array) < limit, step
+        assert network_rel_diff(gan.D, ref.D.params(), per_array) < limit, step
+        for i in range(len(gan.G.running_mean)):
+            assert max_rel_diff(gan.G.running_mean[i], ref.G.rm[i]) < limit
+            assert max_rel_diff(gan.G.running_var[i], ref.G.rv[i]) < limit
+    assert gan.G.adam_steps == gan.D.adam_steps == ref.G.t == ref.D.t == 20
 
 
 def test_concatenated_d_batch_keeps_real_gradients():

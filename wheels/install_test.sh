@@ -30,7 +30,7 @@ if command -v gcc >/dev/null && PATH="$WORK/venv/bin" command -v gcc >/dev/null;
   echo "install_test: a compiler is still on PATH" >&2; exit 1
 fi
 "${clean_env[@]}" "$VPY" -c "import mnistgan, scipy, numpy; print('installed mnistgan', mnistgan.__version__, 'from', mnistgan.__file__, '| scipy', scipy.__version__, '| numpy', numpy.__version__)"
-"${clean_env[@]}" "$VPY" -m pytest -q -p no:cacheprovider ${TESTS//tests\//$WORK/tests/}
+"${clean_env[@]}" "$VPY" -m pytest -q -p no:cacheprovider $TESTS
 "${clean_env[@]}" "$VPY" -m mnistgan.train --data mnist-sample --epochs 1 --out "$WORK/run" --no-progress
 test -s "$WORK/run/checkpoint.npz" && test -s "$WORK/run/samples.png"
 echo "install_test: the wheel installs, passes the tests and trains one epoch"
