@@ -1,0 +1,339 @@
+"""The speed suite: mnistgan against NumPy and PyTorch, measured in one run.
+
+    python benchmarks/speed.py                 # full table, written to benchmarks/RESULTS.md
+    python benchmarks/speed.py --quick         # fewer rounds, for a look
+
+PyTorch is optional: `pip install ".[bench]"` (torch==2.13.0, the CPU build).
+
+What it measures, all in one process run:
+  1. ms per training step (median and interquartile range), batch 50, for
+     mnistgan, the NumPy reference step (tests/numpy_reference.py) and
+     PyTorch eager (same model, same initial weights, same batch), at 1 and
+     2 BLAS/intra-op threads, float32 and float64. The configurations run in
+     short blocks, round-robin, so drift on a shared machine hits all alike.
+  2. The GEMM-only time of the step (its 43 GEMMs, same shapes, same BLAS)
+     and where the rest of mnistgan's step goes, kernel by kernel.
+  3. Images per second of mnistgan at batch 50, 100, 256 and 1024.
+  4. Peak memory (max RSS) of each implementation, each in a fresh process.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+from threadpoolctl import threadpool_info, threadpool_limits
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+
+from step import GemmOnly, step_gemms  # noqa: E402
+
+from mnistgan import GAN, Config  # noqa: E402
+from numpy_reference import RefGAN  # noqa: E402
+
+try:
+    import torch
+except ImportError:  # optional
+    torch = None
+
+
+# -- PyTorch: the same model -----------------------------------------------------------
+
+class TorchGAN:
+    """The reference recipe in PyTorch eager, started from a mnistgan GAN's weights."""
+
+    def __init__(self, gan: GAN, seed: int = 0):
+        c = gan.config
+        self.c = c
+        dt = torch.float32 if c.dtype == "float32" else torch.float64
+        torch.manual_seed(seed)
+
+        def linear(net, i):
+            W = net.params[f"dense{i}.weight"]
+            layer = torch.nn.Linear(W.shape[0], W.shape[1]).to(dt)
+            with torch.no_grad():
+                layer.weight.copy_(torch.from_numpy(W.T.copy()))
+                layer.bias.copy_(torch.from_numpy(net.params[f"dense{i}.bias"].copy()))
+            return layer
+
+        g_layers = []
+        for i in range(gan.G.n_layers):
+            g_layers.append(linear(gan.G, i))
+            if i < gan.G.n_layers - 1:
+                g_layers += [torch.nn.ReLU(), torch.nn.BatchNorm1d(gan.G.sizes[i + 1], momentum=c.bn_momentum,
+                                                                   eps=c.bn_eps).to(dt)]
+        g_layers.append(torch.nn.Tanh())
+        d_layers = []
+        for i in range(gan.D.n_layers):
+            d_layers.append(linear(gan.D, i))
+            if i < gan.D.n_layers - 1:
+                d_layers.append(torch.nn.ReLU())
+        self.G = torch.nn.Sequential(*g_layers)
+        self.D = torch.nn.Sequential(*d_layers)
+        self.opt_g = torch.optim.Adam(self.G.parameters(), lr=c.lr, betas=(c.beta1, c.beta2), eps=c.adam_eps)
+        self.opt_d = torch.optim.Adam(self.D.parameters(), lr=c.lr, betas=(c.beta1, c.beta2), eps=c.adam_eps)
+        self.loss = torch.nn.BCEWithLogitsLoss()
+        B = c.batch_size
+        self.dt = dt
+        self.targets_d = torch.cat([torch.ones(B, 1, dtype=dt), torch.zeros(B, 1, dtype=dt)])
+        self.targets_g = torch.ones(B, 1, dtype=dt)
+
+    def step(self, images_u8: np.ndarray, idx: np.ndarray, std: float):
+        c, B, dt = self.c, self.c.batch_size, self.dt
+        real = torch.from_numpy(images_u8[idx]).to(dt) / 127.5 - 1
+        z = torch.randn(B, c.latent_dim, dtype=dt)
+        fake = self.G(z).detach()
+        x = torch.cat([real, fake])
+        x = x + std * torch.randn_like(x)
+        d_loss = self.loss(self.D(x), self.targets_d)
+        self.opt_d.zero_grad(set_to_none=True)
+        d_loss.backward()
+        self.opt_d.step()
+        z = torch.randn(B, c.latent_dim, dtype=dt)
+        fake = self.G(z)
+        for p in self.D.parameters():
+            p.requires_grad_(False)  # only dX flows back through D
+        g_loss = self.loss(self.D(fake + std * torch.randn_like(fake)), self.targets_g)
+        self.opt_g.zero_grad(set_to_none=True)
+        g_loss.backward()
+        for p in self.D.parameters():
+            p.requires_grad_(True)
+        self.opt_g.step()
+        return float(d_loss), float(g_loss)
+
+
+# -- runners ------------------------------------------------------------------------------
+
+def make_runner(impl: str, cfg: Config, images: np.ndarray):
+    order = np.random.default_rng(0).permutation(len(images))
+    B = cfg.batch_size
+    batches = [order[i:i + B].astype(np.int64) for i in range(0, len(images) - B + 1, B)]
+    pos = [0]
+
+    def batch():
+        pos[0] = (pos[0] + 1) % len(batches)
+        return batches[pos[0]]
+
+    gan = GAN(cfg)
+    if impl == "mnistgan":
+        return lambda: gan.train_step(images, batch(), 0.1)
+    if impl == "numpy":
+        ref = RefGAN(gan, seed=1)
+        return lambda: ref.step(images, batch(), 0.1)
+    if impl == "pytorch":
+        tg = TorchGAN(gan)
+        return lambda: tg.step(images, batch(), 0.1)
+    if impl == "gemm-only":
+        return GemmOnly(cfg).step
+    raise ValueError(impl)
+
+
+class Threads:
+    """BLAS threads (threadpoolctl) and PyTorch intra-op threads together."""
+
+    def __init__(self, n):
+        self.n = n
+        self.limits = None
+
+    def __enter__(self):
+        self.limits = threadpool_limits(limits=self.n, user_api="blas")
+        if torch is not None:
+            self.old = torch.get_num_threads()
+            torch.set_num_threads(self.n)
+        return self
+
+    def __exit__(self, *exc):
+        self.limits.restore_original_limits()
+        if torch is not None:
+            torch.set_num_threads(self.old)
+
+
+def interleaved(configs, rounds, block, warmup):
+    """configs: {key: (threads, runner)} -> {key: [seconds per step]}."""
+    times = {k: [] for k in configs}
+    for k, (threads, run) in configs.items():
+        with Threads(threads):
+            for _ in range(warmup):
+                run()
+    for _ in range(rounds):
+        for k, (threads, run) in configs.items():
+            with Threads(threads):
+                for _ in range(block):
+                    t0 = time.perf_counter()
+                    run()
+                    times[k].append(time.perf_counter() - t0)
+    return times
+
+
+def stats(samples):
+    ms = [1000 * s for s in samples]
+    q = statistics.quantiles(ms, n=4)
+    return statistics.median(ms), q[0], q[2]
+
+
+def kernel_breakdown(cfg, images, threads, steps):
+    """ms per step spent in each kernel of mnistgan's step (and in the random draws)."""
+    import mnistgan.gan as gan_mod
+    import mnistgan.network as net_mod
+    from mnistgan import _kernels as K
+
+    spent = collections.defaultdict(float)
+
+    class Timed:
+        def __getattr__(self, name):
+            f = getattr(K, name)
+
+            def timed(*a, **k):
+                t0 = time.perf_counter()
+                r = f(*a, **k)
+                spent[name] += time.perf_counter() - t0
+                return r
+            return timed
+
+    saved = net_mod.K, gan_mod.K
+    net_mod.K = gan_mod.K = Timed()
+    try:
+        gan = GAN(cfg)
+        draw = gan._draw
+
+        def timed_draw(noise, std):
+            t0 = time.perf_counter()
+            draw(noise, std)
+            spent["random draws (numpy Generator)"] += time.perf_counter() - t0
+
+        gan._draw = timed_draw
+        idx = np.arange(cfg.batch_size, dtype=np.int64)
+        with Threads(threads):
+            for _ in range(5):
+                gan.train_step(images, idx, 0.1)
+            spent.clear()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                gan.train_step(images, idx, 0.1)
+            total = time.perf_counter() - t0
+    finally:
+        net_mod.K, gan_mod.K = saved
+    rows = {k: 1000 * v / steps for k, v in spent.items()}
+    rows["python and the rest"] = 1000 * total / steps - sum(rows.values())
+    return 1000 * total / steps, rows
+
+
+def peak_memory(impl, dtype, threads, steps=30):
+    """Max RSS in MB of a fresh process that builds the model and trains `steps` steps."""
+    code = (f"import sys; sys.argv=['x']; sys.path.insert(0, {HERE!r}); import speed, resource, numpy as np\n"
+            f"from mnistgan import Config\n"
+            f"cfg = Config(dtype={dtype!r})\n"
+            f"images = np.random.default_rng(0).integers(0, 256, (10000, 784), dtype=np.uint8)\n"
+            f"with speed.Threads({threads}):\n"
+            f"    run = speed.make_runner({impl!r}, cfg, images)\n"
+            f"    for _ in range({steps}): run()\n"
+            f"print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def machine():
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    blas = sorted({f"{i['internal_api']} {i.get('version')} ({i.get('architecture')})"
+                   for i in threadpool_info() if i["user_api"] == "blas"})
+    return f"{cpu}, {os.cpu_count()} CPUs; BLAS: {'; '.join(blas)}" + (
+        f"; PyTorch {torch.__version__}" if torch is not None else "; PyTorch not installed")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="fewer rounds")
+    p.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"), help="where to write the table")
+    p.add_argument("--no-write", action="store_true", help="print only")
+    a = p.parse_args(argv)
+    rounds, block = (4, 5) if a.quick else (12, 10)
+    images = np.random.default_rng(0).integers(0, 256, (10000, 784), dtype=np.uint8)
+    impls = ["mnistgan", "numpy"] + (["pytorch"] if torch is not None else []) + ["gemm-only"]
+    lines = [f"# mnistgan speed results", "",
+             f"Machine: {machine()}.", "",
+             f"Command: `python benchmarks/speed.py{' --quick' if a.quick else ''}` "
+             f"({rounds} rounds x {block} steps per configuration, interleaved; "
+             f"{len(step_gemms(Config()))} GEMMs per step).", ""]
+
+    def emit(text=""):
+        print(text, flush=True)
+        lines.append(text)
+
+    for dtype in ("float32", "float64"):
+        cfg = Config(dtype=dtype)
+        configs = {(impl, t): (t, make_runner(impl, cfg, images)) for impl in impls for t in (1, 2)}
+        times = interleaved(configs, rounds, block, warmup=3)
+        emit(f"## Training step, batch 50, {dtype}")
+        emit()
+        emit("| threads | implementation | median ms/step | IQR ms | vs mnistgan |")
+        emit("|---|---|---|---|---|")
+        for t in (1, 2):
+            ours = stats(times[("mnistgan", t)])[0]
+            for impl in impls:
+                med, lo, hi = stats(times[(impl, t)])
+                ratio = "1.00x" if impl == "mnistgan" else (
+                    f"mnistgan is {med / ours:.2f}x faster" if impl != "gemm-only"
+                    else f"mnistgan takes {ours / med:.2f}x its GEMMs")
+                emit(f"| {t} | {impl} | {med:.2f} | {lo:.2f}-{hi:.2f} | {ratio} |")
+        emit()
+
+    emit("## Where mnistgan's step goes (batch 50, float32)")
+    emit()
+    for t in (1, 2):
+        total, rows = kernel_breakdown(Config(), images, t, 40 if a.quick else 100)
+        gemm = rows.get("dense_forward", 0) + rows.get("dense_backward", 0)
+        emit(f"{t} thread(s): {total:.2f} ms per step; dense layers (their GEMMs, bias and bias-gradient "
+             f"passes) {gemm:.2f} ms = {100 * gemm / total:.0f}%, everything else {100 * (1 - gemm / total):.0f}%:")
+        emit()
+        emit("| kernel | ms/step | share |")
+        emit("|---|---|---|")
+        for k, v in sorted(rows.items(), key=lambda kv: -kv[1]):
+            if k not in ("dense_forward", "dense_backward"):
+                emit(f"| {k} | {v:.3f} | {100 * v / total:.1f}% |")
+        emit()
+
+    emit("## mnistgan throughput by batch size (float32)")
+    emit()
+    emit("| batch | threads | ms/step | images/s |")
+    emit("|---|---|---|---|")
+    for B in (50, 100, 256, 1024):
+        cfg = Config(batch_size=B)
+        configs = {t: (t, make_runner("mnistgan", cfg, images)) for t in (1, 2)}
+        times = interleaved(configs, max(2, rounds // 3), max(2, block // 2), warmup=2)
+        for t in (1, 2):
+            med = stats(times[t])[0]
+            emit(f"| {B} | {t} | {med:.1f} | {B * 1000 / med:,.0f} |")
+    emit()
+
+    emit("## Peak memory (max RSS of a fresh process: imports, model, 30 steps, 10,000 uint8 images)")
+    emit()
+    emit("| implementation | float32 MB | float64 MB |")
+    emit("|---|---|---|")
+    for impl in [i for i in impls if i != "gemm-only"]:
+        emit(f"| {impl} | {peak_memory(impl, 'float32', 1):.0f} | {peak_memory(impl, 'float64', 1):.0f} |")
+    emit()
+    if not a.no_write:
+        with open(a.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        print(f"written to {a.out}")
+
+
+if __name__ == "__main__":
+    main()
