@@ -346,64 +346,60 @@ cdef tuple _binary(str aname, object A, str bname, object B, str oname, object O
     return t, a, b, o
 
 
-def relu_forward(X, Y):
-    """Y = max(X, 0), any shape; Y may be X (in place)."""
+# The four elementwise wrappers share their checks and dispatch: each passes
+# its kernel's float and double specialisations as function pointers.
+ctypedef void (*unary_f)(float*, float*, Py_ssize_t) noexcept nogil
+ctypedef void (*unary_d)(double*, double*, Py_ssize_t) noexcept nogil
+ctypedef void (*binary_f)(float*, float*, float*, Py_ssize_t) noexcept nogil
+ctypedef void (*binary_d)(double*, double*, double*, Py_ssize_t) noexcept nogil
+
+
+cdef object _run_unary(str xname, object X, str yname, object Y, unary_f kf, unary_d kd):
     cdef int t
     cdef cnp.ndarray x, y
-    t, x, y = _unary("X", X, "Y", Y)
+    t, x, y = _unary(xname, X, yname, Y)
     cdef Py_ssize_t size = x.size
     if t == F32:
         with nogil:
-            relu_forward_k(<float*>_lo(x), <float*>_lo(y), size)
+            kf(<float*>_lo(x), <float*>_lo(y), size)
     else:
         with nogil:
-            relu_forward_k(<double*>_lo(x), <double*>_lo(y), size)
+            kd(<double*>_lo(x), <double*>_lo(y), size)
     return Y
 
 
-def relu_backward(Y, dY, dX):
-    """dX = dY * (Y > 0), with Y the ReLU output; dX may be dY."""
+cdef object _run_binary(object A, object B, object O, binary_f kf, binary_d kd):
     cdef int t
-    cdef cnp.ndarray y, dy, dx
-    t, y, dy, dx = _binary("Y", Y, "dY", dY, "dX", dX)
-    cdef Py_ssize_t size = y.size
+    cdef cnp.ndarray a, b, o
+    t, a, b, o = _binary("Y", A, "dY", B, "dX", O)
+    cdef Py_ssize_t size = a.size
     if t == F32:
         with nogil:
-            relu_backward_k(<float*>_lo(y), <float*>_lo(dy), <float*>_lo(dx), size)
+            kf(<float*>_lo(a), <float*>_lo(b), <float*>_lo(o), size)
     else:
         with nogil:
-            relu_backward_k(<double*>_lo(y), <double*>_lo(dy), <double*>_lo(dx), size)
-    return dX
+            kd(<double*>_lo(a), <double*>_lo(b), <double*>_lo(o), size)
+    return O
+
+
+def relu_forward(X, Y):
+    """Y = max(X, 0), any shape (NaN passes through); Y may be X (in place)."""
+    return _run_unary("X", X, "Y", Y, relu_forward_k[float], relu_forward_k[double])
+
+
+def relu_backward(Y, dY, dX):
+    """dX = dY where Y > 0, else 0; Y is the ReLU output; dX may be dY."""
+    return _run_binary(Y, dY, dX, relu_backward_k[float], relu_backward_k[double])
 
 
 def tanh_forward(X, Y):
     """Y = tanh(X), any shape; Y may be X (in place)."""
-    cdef int t
-    cdef cnp.ndarray x, y
-    t, x, y = _unary("X", X, "Y", Y)
-    cdef Py_ssize_t size = x.size
-    if t == F32:
-        with nogil:
-            tanh_forward_k(<float*>_lo(x), <float*>_lo(y), size)
-    else:
-        with nogil:
-            tanh_forward_k(<double*>_lo(x), <double*>_lo(y), size)
-    return Y
+    return _run_unary("X", X, "Y", Y, tanh_forward_k[float], tanh_forward_k[double])
 
 
 def tanh_backward(Y, dY, dX):
     """dX = dY * (1 - Y^2), with Y the tanh output; dX may be dY."""
-    cdef int t
-    cdef cnp.ndarray y, dy, dx
-    t, y, dy, dx = _binary("Y", Y, "dY", dY, "dX", dX)
-    cdef Py_ssize_t size = y.size
-    if t == F32:
-        with nogil:
-            tanh_backward_k(<float*>_lo(y), <float*>_lo(dy), <float*>_lo(dx), size)
-    else:
-        with nogil:
-            tanh_backward_k(<double*>_lo(y), <double*>_lo(dy), <double*>_lo(dx), size)
-    return dX
+    return _run_binary(Y, dY, dX, tanh_backward_k[float], tanh_backward_k[double])
 
 
 # ---------------------------------------------------------------------------

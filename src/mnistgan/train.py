@@ -164,7 +164,7 @@ def run(args) -> int:
     except OSError as e:
         raise CliError(f"cannot write the run folder {out}: {e.strerror or e}") from None
     try:
-        trainer._as_rows(images)
+        trainer.as_rows(images)
     except (TypeError, ValueError) as e:
         raise CliError(f"--data {args.data}: {e}") from None
     per_epoch = len(images) // c.batch_size

@@ -59,7 +59,8 @@ class Trainer:
             return 0.0
         return self.config.instance_noise * max(0.0, 1.0 - step / total)
 
-    def _as_rows(self, images: np.ndarray) -> np.ndarray:
+    def as_rows(self, images: np.ndarray) -> np.ndarray:
+        """The images as a C-contiguous uint8 (N, image_dim) view, or TypeError/ValueError."""
         images = np.asarray(images)
         if images.dtype != np.uint8:
             raise TypeError(f"images must be uint8 pixels 0..255, got dtype {images.dtype}")
@@ -85,7 +86,7 @@ class Trainer:
         consistent state that save() can write. Returns True if the epochs
         ran to the end, False if stopped.
         """
-        rows = self._as_rows(images)
+        rows = self.as_rows(images)
         B = self.config.batch_size
         per_epoch = len(rows) // B
         if len(self.order) and len(self.order) != len(rows):
