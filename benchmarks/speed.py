@@ -40,10 +40,19 @@ from step import GemmOnly, step_gemms  # noqa: E402
 from mnistgan import GAN, Config  # noqa: E402
 from numpy_reference import RefGAN  # noqa: E402
 
-try:
-    import torch
-except ImportError:  # optional
-    torch = None
+import importlib.util
+
+# PyTorch is optional and heavy: imported only where it is used.
+HAVE_TORCH = importlib.util.find_spec("torch") is not None
+torch = None
+
+
+def _torch():
+    global torch
+    if torch is None:
+        import torch as t
+        torch = t
+    return torch
 
 
 # -- PyTorch: the same model -----------------------------------------------------------
@@ -52,6 +61,7 @@ class TorchGAN:
     """The reference recipe in PyTorch eager, started from a mnistgan GAN's weights."""
 
     def __init__(self, gan: GAN, seed: int = 0):
+        torch = _torch()
         c = gan.config
         self.c = c
         dt = torch.float32 if c.dtype == "float32" else torch.float64
@@ -88,6 +98,7 @@ class TorchGAN:
         self.targets_g = torch.ones(B, 1, dtype=dt)
 
     def step(self, images_u8: np.ndarray, idx: np.ndarray, std: float):
+        torch = _torch()
         c, B, dt = self.c, self.c.batch_size, self.dt
         real = torch.from_numpy(images_u8[idx]).to(dt) / 127.5 - 1
         z = torch.randn(B, c.latent_dim, dtype=dt)
@@ -108,7 +119,7 @@ class TorchGAN:
         for p in self.D.parameters():
             p.requires_grad_(True)
         self.opt_g.step()
-        return float(d_loss), float(g_loss)
+        return d_loss.item(), g_loss.item()
 
 
 # -- runners ------------------------------------------------------------------------------
@@ -138,7 +149,7 @@ def make_runner(impl: str, cfg: Config, images: np.ndarray):
 
 
 class Threads:
-    """BLAS threads (threadpoolctl) and PyTorch intra-op threads together."""
+    """BLAS threads (threadpoolctl) and, once PyTorch is loaded, its intra-op threads."""
 
     def __init__(self, n):
         self.n = n
@@ -146,6 +157,7 @@ class Threads:
 
     def __enter__(self):
         self.limits = threadpool_limits(limits=self.n, user_api="blas")
+        self.old = None
         if torch is not None:
             self.old = torch.get_num_threads()
             torch.set_num_threads(self.n)
@@ -153,8 +165,12 @@ class Threads:
 
     def __exit__(self, *exc):
         self.limits.restore_original_limits()
-        if torch is not None:
+        if self.old is not None:
             torch.set_num_threads(self.old)
+        # Thread pools (OpenBLAS's, PyTorch's OpenMP) spin for a while after
+        # their last task; a short rest keeps them from stealing the next
+        # configuration's cores.
+        time.sleep(0.05)
 
 
 def interleaved(configs, rounds, block, warmup):
@@ -228,15 +244,17 @@ def kernel_breakdown(cfg, images, threads, steps):
 
 
 def peak_memory(impl, dtype, threads, steps=30):
-    """Max RSS in MB of a fresh process that builds the model and trains `steps` steps."""
-    code = (f"import sys; sys.argv=['x']; sys.path.insert(0, {HERE!r}); import speed, resource, numpy as np\n"
+    """Peak resident memory (VmHWM) in MB of a fresh process that builds the
+    model and trains `steps` steps. (Not ru_maxrss: Linux carries it across
+    exec, so a child would report its parent's peak.)"""
+    code = (f"import sys; sys.argv=['x']; sys.path.insert(0, {HERE!r}); import speed, numpy as np\n"
             f"from mnistgan import Config\n"
             f"cfg = Config(dtype={dtype!r})\n"
             f"images = np.random.default_rng(0).integers(0, 256, (10000, 784), dtype=np.uint8)\n"
             f"with speed.Threads({threads}):\n"
             f"    run = speed.make_runner({impl!r}, cfg, images)\n"
             f"    for _ in range({steps}): run()\n"
-            f"print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n")
+            f"print([int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')][0] / 1024)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
@@ -254,7 +272,8 @@ def machine():
     blas = sorted({f"{i['internal_api']} {i.get('version')} ({i.get('architecture')})"
                    for i in threadpool_info() if i["user_api"] == "blas"})
     return f"{cpu}, {os.cpu_count()} CPUs; BLAS: {'; '.join(blas)}" + (
-        f"; PyTorch {torch.__version__}" if torch is not None else "; PyTorch not installed")
+        f"; PyTorch {_torch().__version__} ({_torch().get_num_threads()} threads by default)"
+        if HAVE_TORCH else "; PyTorch not installed")
 
 
 def main(argv=None):
@@ -265,7 +284,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     rounds, block = (4, 5) if a.quick else (12, 10)
     images = np.random.default_rng(0).integers(0, 256, (10000, 784), dtype=np.uint8)
-    impls = ["mnistgan", "numpy"] + (["pytorch"] if torch is not None else []) + ["gemm-only"]
+    impls = ["mnistgan", "numpy"] + (["pytorch"] if HAVE_TORCH else []) + ["gemm-only"]
     lines = [f"# mnistgan speed results", "",
              f"Machine: {machine()}.", "",
              f"Command: `python benchmarks/speed.py{' --quick' if a.quick else ''}` "
