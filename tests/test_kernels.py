@@ -290,3 +290,56 @@ def test_all_finite(dtype):
         y[2, 3] = bad
         assert not K.all_finite(y)
     assert K.all_finite(np.full(5, np.finfo(dtype).max, dtype))
+
+
+def np_softmax_ce(z, labels):
+    z = z.astype(np.float64)
+    shifted = z - z.max(axis=1, keepdims=True)
+    logp = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    return -logp[np.arange(len(z)), labels].mean(), np.exp(logp)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k", [(1, 1), (1, 10), (7, 3), (100, 10)])
+def test_softmax_cross_entropy(rng, dtype, n, k):
+    z = rand(rng, (n, k), dtype, scale=3)
+    labels = rng.integers(0, k, n).astype(np.int64)
+    p = np.empty_like(z)
+    dz = np.empty_like(z)
+    loss = K.softmax_cross_entropy(z, labels, p, dz)
+    ref_loss, ref_p = np_softmax_ce(z, labels)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6 if dtype == np.float32 else 1e-13, atol=1e-7)
+    np.testing.assert_allclose(p, ref_p, **tol(dtype))
+    onehot = np.eye(k)[labels]
+    np.testing.assert_allclose(dz, (ref_p - onehot) / n, **tol(dtype))
+
+
+def test_softmax_cross_entropy_gradient_by_finite_differences(rng):
+    z = rng.standard_normal((5, 4))
+    labels = np.array([0, 3, 1, 1, 2])
+    p, dz = np.empty_like(z), np.empty_like(z)
+    K.softmax_cross_entropy(z, labels, p, dz)
+    numeric = np.zeros_like(z)
+    h = 1e-6
+    for i in np.ndindex(z.shape):
+        zp, zm = z.copy(), z.copy()
+        zp[i] += h
+        zm[i] -= h
+        numeric[i] = (K.softmax_cross_entropy(zp, labels, p.copy(), dz.copy())
+                      - K.softmax_cross_entropy(zm, labels, p.copy(), dz.copy())) / (2 * h)
+    K.softmax_cross_entropy(z, labels, p, dz)
+    assert np.linalg.norm(numeric - dz) / np.linalg.norm(numeric) < 1e-7
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_softmax_cross_entropy_huge_logits_and_bad_labels(dtype):
+    z = np.array([[1e4, -1e4, 0], [-1e4, -1e4, -1e4]], dtype)
+    p, dz = np.empty_like(z), np.empty_like(z)
+    with np.errstate(all="raise"):
+        loss = K.softmax_cross_entropy(z, np.array([0, 2]), p, dz)
+    np.testing.assert_allclose(loss, (0 + np.log(3)) / 2, rtol=1e-6)
+    assert np.all(np.isfinite(p)) and np.all(np.isfinite(dz))
+    with pytest.raises(IndexError, match=r"labels\[1\] = 3 is out of range for 3 classes"):
+        K.softmax_cross_entropy(z, np.array([0, 3]), p, dz)
+    with pytest.raises(TypeError, match="labels has dtype int32"):
+        K.softmax_cross_entropy(z, np.array([0, 1], np.int32), p, dz)

@@ -5,7 +5,8 @@ Layout of this file, top to bottom:
   1. argument checking (runs with the GIL, before any raw pointer is used)
   2. GEMM: the single place where BLAS is called
   3. layers, each forward beside its backward: dense, ReLU, tanh, batch norm
-  4. the loss: sigmoid + binary cross-entropy on logits, fused with its gradient
+  4. the losses: sigmoid + binary cross-entropy, and softmax + cross-entropy
+     (for the evaluation classifier), each fused with its gradient
   5. the optimizer: Adam, in place
   6. data: batch gather from uint8, instance noise, finiteness check
 
@@ -19,7 +20,7 @@ before any code without the GIL runs.
 
 cimport cython
 cimport numpy as cnp
-from libc.math cimport exp, log1p, sqrt, sqrtf, tanh, fabs
+from libc.math cimport exp, log, log1p, sqrt, sqrtf, tanh, fabs
 from libc.string cimport memcpy
 from libc.stdint cimport int64_t, uint8_t
 from scipy.linalg.cython_blas cimport sgemm, dgemm
@@ -657,6 +658,70 @@ def sigmoid_bce(logits, targets, probs, dlogits):
     else:
         with nogil:
             loss = sigmoid_bce_k(<double*>_lo(z), <double*>_lo(tg), <double*>_lo(p), <double*>_lo(dz), n)
+    return loss
+
+
+cdef double softmax_ce_k(floating* z, int64_t* labels, floating* prob, floating* dz,
+                         Py_ssize_t n, Py_ssize_t k) noexcept nogil:
+    """Mean cross-entropy of softmax(z) rows against integer labels;
+    prob = softmax(z), dz = d mean / dz = (prob - onehot) / n. The row max
+    is subtracted before exp, so no logit can overflow."""
+    cdef Py_ssize_t i, j
+    cdef floating* zr
+    cdef floating* pr
+    cdef floating* dr
+    cdef double total = 0, top, s, logs
+    for i in range(n):
+        zr = z + i * k
+        pr = prob + i * k
+        dr = dz + i * k
+        top = zr[0]
+        for j in range(1, k):
+            if zr[j] > top:
+                top = zr[j]
+        s = 0
+        for j in range(k):
+            s += exp(zr[j] - top)
+        logs = log(s)
+        total += top + logs - zr[labels[i]]
+        for j in range(k):
+            pr[j] = <floating>exp(zr[j] - top - logs)
+            dr[j] = <floating>(pr[j] / n)
+        dr[labels[i]] -= <floating>(1.0 / n)
+    return total / n
+
+
+def softmax_cross_entropy(logits, labels, probs, dlogits):
+    """Mean cross-entropy of softmax(logits) against class indices.
+
+    logits, probs, dlogits: (n, k) float; labels: (n,) int64 in [0, k).
+    Writes probs = softmax(logits) and dlogits = d(mean loss)/d(logits);
+    returns the mean loss. dlogits may not alias logits.
+    """
+    cdef int t = _float_type("logits", logits)
+    cdef cnp.ndarray z = _check("logits", logits, t, 2)
+    cdef Py_ssize_t n = z.shape[0], k = z.shape[1]
+    if n == 0 or k == 0:
+        raise ValueError(f"logits has shape {_shape(z)}: need at least one row and one class")
+    cdef cnp.ndarray lab = _check("labels", labels, cnp.NPY_INT64, 1, n)
+    cdef cnp.ndarray p = _out("probs", probs, t, 2, n, k)
+    cdef cnp.ndarray dz = _out("dlogits", dlogits, t, 2, n, k)
+    for oname, o in (("probs", p), ("dlogits", dz)):
+        _disjoint(oname, o, "logits", z)
+        _disjoint(oname, o, "labels", lab)
+    _disjoint("dlogits", dz, "probs", p)
+    cdef int64_t* pl = <int64_t*>_lo(lab)
+    cdef Py_ssize_t i
+    for i in range(n):
+        if pl[i] < 0 or pl[i] >= k:
+            raise IndexError(f"labels[{i}] = {pl[i]} is out of range for {k} classes")
+    cdef double loss
+    if t == F32:
+        with nogil:
+            loss = softmax_ce_k(<float*>_lo(z), pl, <float*>_lo(p), <float*>_lo(dz), n, k)
+    else:
+        with nogil:
+            loss = softmax_ce_k(<double*>_lo(z), pl, <double*>_lo(p), <double*>_lo(dz), n, k)
     return loss
 
 
