@@ -112,12 +112,10 @@ class RefMLP:
 
 
 def bce_mean(logits, target):
-    """Mean BCE of sigmoid(logits) vs a constant target (0 or 1), and its gradient."""
+    """Mean BCE of sigmoid(logits) vs a constant target in [0, 1], and its gradient."""
     n = logits.size
-    if target == 1:
-        loss = np.logaddexp(0, -logits).mean()
-    else:
-        loss = np.logaddexp(0, logits).mean()
+    # -t log s(z) - (1 - t) log(1 - s(z)) = t softplus(-z) + (1 - t) softplus(z)
+    loss = (target * np.logaddexp(0, -logits) + (1 - target) * np.logaddexp(0, logits)).mean()
     return float(loss), (_sigmoid(logits) - target) / n
 
 
@@ -163,7 +161,7 @@ class RefGAN:
         xf = fake + std * noise[B:]
         lr_, cr = self.D.forward(xr)
         lf_, cf = self.D.forward(xf)
-        loss_r, gr = bce_mean(lr_, 1)
+        loss_r, gr = bce_mean(lr_, 1 - self.config.label_smoothing)
         loss_f, gf = bce_mean(lf_, 0)
         # D's loss is the mean over all 2B examples: half of each batch mean.
         grads_r, _ = self.D.backward(0.5 * gr, cr)

@@ -27,7 +27,8 @@ def small_data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained_run(small_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    r = run("mnistgan.train", "--data", str(small_data), "--epochs", "2", "--out", str(out), "--seed", "3")
+    r = run("mnistgan.train", "--data", str(small_data), "--epochs", "2", "--out", str(out), "--seed", "3",
+            "--eval-every", "1", "--eval-samples", "500")
     assert r.returncode == 0, r.stderr
     return out, r
 
@@ -41,7 +42,7 @@ def read_png(path):
 def test_train_writes_every_file(trained_run):
     out, r = trained_run
     for name in ("config.json", "checkpoint.npz", "losses.csv", "losses.png", "samples.png",
-                 "samples/epoch_001.png", "samples/epoch_002.png"):
+                 "samples/epoch_001.png", "samples/epoch_002.png", "metrics.csv", "fid.png"):
         assert (out / name).is_file(), name
     lines = (out / "losses.csv").read_text().splitlines()
     assert lines[0] == "step,epoch,d_loss,g_loss,d_real,d_fake"
@@ -52,6 +53,9 @@ def test_train_writes_every_file(trained_run):
     assert grid.shape[0] == grid.shape[1] > 280  # 10x10 tiles of 28 pixels, scaled up
     assert read_png(out / "losses.png").ndim == 3
     assert '"seed": 3' in (out / "config.json").read_text()
+    metrics = (out / "metrics.csv").read_text().splitlines()
+    assert metrics[0].startswith("epoch,step,fid,score") and len(metrics) == 3
+    assert all(float(line.split(",")[2]) > 0 for line in metrics[1:])
     assert "epoch 2/2" in r.stderr and "img/s" in r.stderr
     assert not [p for p in out.rglob(".*tmp")]
 

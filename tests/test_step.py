@@ -143,14 +143,16 @@ def run_steps(cfg, n=3):
 
 @pytest.mark.parametrize("field,value", [
     ("lr", 0.001), ("beta1", 0.9), ("beta2", 0.99), ("adam_eps", 1e-3),
-    ("bn_momentum", 0.5), ("bn_eps", 0.8),
+    ("bn_momentum", 0.5), ("bn_eps", 0.8), ("label_smoothing", 0.1),
 ])
 def test_every_hyperparameter_reaches_the_math(field, value):
     base = Config(**SMALL, dtype="float64")
     changed = Config(**{**SMALL, "dtype": "float64", field: value})
     g1, _ = run_steps(base)
     g2, _ = run_steps(changed)
-    if field == "bn_momentum":
+    if field == "label_smoothing":
+        assert not np.array_equal(g1.D.flat_params, g2.D.flat_params)
+    elif field == "bn_momentum":
         assert not np.array_equal(g1.G.flat_buffers, g2.G.flat_buffers)
     else:
         assert not np.array_equal(g1.G.flat_params, g2.G.flat_params)

@@ -32,6 +32,7 @@ class Config:
     bn_momentum: float = 0.1
     bn_eps: float = 1e-5
     instance_noise: float = 0.1
+    label_smoothing: float = 0.0  # one-sided: D's target for real images is 1 - this
     dtype: str = "float32"
     seed: int = 0
 
@@ -62,6 +63,8 @@ class Config:
         need(_finite(self.bn_momentum) and 0 <= self.bn_momentum <= 1, "bn_momentum", "must be in [0, 1]")
         need(_finite(self.bn_eps) and self.bn_eps > 0, "bn_eps", "must be > 0")
         need(_finite(self.instance_noise) and self.instance_noise >= 0, "instance_noise", "must be >= 0")
+        need(_finite(self.label_smoothing) and 0 <= self.label_smoothing < 0.5, "label_smoothing",
+             "must be in [0, 0.5)")
         need(self.dtype in ("float32", "float64"), "dtype", "must be 'float32' or 'float64'")
         need(isinstance(self.seed, int) and self.seed >= 0, "seed", "must be an integer >= 0")
 

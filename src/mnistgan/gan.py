@@ -53,7 +53,7 @@ class GAN:
         self.d_input = np.zeros((2 * B, c.image_dim), dt)   # real rows, then fake rows
         self.noise = np.zeros((2 * B, c.image_dim), dt)
         self.d_targets = np.zeros((2 * B, 1), dt)
-        self.d_targets[:B] = 1
+        self.d_targets[:B] = 1 - c.label_smoothing
         self.g_targets = np.ones((B, 1), dt)
         self.probs = np.zeros((2 * B, 1), dt)
         # Views used every step, cut once.

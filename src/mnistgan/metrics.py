@@ -83,7 +83,7 @@ def class_coverage(predicted, n_classes: int = 10) -> dict:
         raise ValueError("no samples")
     share = np.bincount(labels, minlength=n_classes)[:n_classes] / labels.size
     nz = share[share > 0]
-    entropy = float(-(nz * np.log(nz)).sum() / np.log(n_classes))
+    entropy = max(0.0, float(-(nz * np.log(nz)).sum() / np.log(n_classes)))  # never "-0.0"
     return {"entropy": entropy, "min_share": float(share.min()), "max_share": float(share.max())}
 
 

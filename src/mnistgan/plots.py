@@ -102,16 +102,38 @@ def plot_losses_csv(csv_path, png_path, steps_per_epoch: int | None = None):
                    [float(r["g_loss"]) for r in rows], png_path, steps_per_epoch)
 
 
+def plot_metrics_csv(csv_path, png_path):
+    """FID per epoch from a run's metrics.csv."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return
+    fig = Figure(figsize=(6, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.plot([float(r["epoch"]) for r in rows], [float(r["fid"]) for r in rows], marker="o")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("FID (bundled classifier features; lower is better)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_write(png_path) as f:
+        fig.savefig(f, format="png")
+
+
 class BackgroundPlotter:
-    """Renders losses.png from losses.csv in a child process, one at a time."""
+    """Renders a run folder's losses.png (and fid.png, if metrics.csv exists)
+    in a child process, one at a time."""
 
     def __init__(self):
         self._proc = None
 
-    def start(self, csv_path, png_path, steps_per_epoch: int):
+    def start(self, run_folder, steps_per_epoch: int):
         self.wait()
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "mnistgan.plots", str(csv_path), str(png_path), str(steps_per_epoch)],
+            [sys.executable, "-m", "mnistgan.plots", str(run_folder), str(steps_per_epoch)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             # Its own process group: a Ctrl-C meant for training leaves the plot be.
             start_new_session=True)
@@ -126,5 +148,14 @@ class BackgroundPlotter:
         return err.decode(errors="replace").strip().splitlines()[-1] if failed and err else None
 
 
+def plot_run(folder, steps_per_epoch: int | None = None):
+    from pathlib import Path
+
+    folder = Path(folder)
+    plot_losses_csv(folder / "losses.csv", folder / "losses.png", steps_per_epoch)
+    if (folder / "metrics.csv").is_file():
+        plot_metrics_csv(folder / "metrics.csv", folder / "fid.png")
+
+
 if __name__ == "__main__":
-    plot_losses_csv(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else None)
+    plot_run(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else None)

@@ -60,6 +60,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--latent-dim", type=positive_int, default=None, help=f"default {d.latent_dim}")
     p.add_argument("--instance-noise", type=float, default=None,
                    help=f"starting std of the instance noise, annealed to 0 (default {d.instance_noise})")
+    p.add_argument("--label-smoothing", type=float, default=None,
+                   help=f"one-sided: D's target for real images is 1 - this (default {d.label_smoothing})")
     p.add_argument("--seed", type=int, default=None, help=f"default {d.seed}")
     p.add_argument("--dtype", choices=["float32", "float64"], default=None, help="default float32")
     p.add_argument("--threads", type=positive_int, default=None,
@@ -70,13 +72,19 @@ def parser() -> argparse.ArgumentParser:
                    help="a checkpoint.npz or a run folder to continue from")
     p.add_argument("--sample-every", type=positive_int, default=1, metavar="N",
                    help="write a sample grid every N epochs (default 1)")
+    p.add_argument("--eval-every", type=positive_int, default=None, metavar="N",
+                   help="every N epochs, score samples with the bundled classifier (FID, classifier score, "
+                        "class coverage) into metrics.csv and fid.png")
+    p.add_argument("--eval-samples", type=positive_int, default=10000, metavar="N",
+                   help="samples per evaluation (default 10000; fewer make FID biased upward)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
 CONFIG_FLAGS = {"epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "beta1": "beta1",
                 "beta2": "beta2", "latent_dim": "latent_dim", "instance_noise": "instance_noise",
-                "seed": "seed", "dtype": "dtype"}
+                "label_smoothing": "label_smoothing", "seed": "seed", "dtype": "dtype"}
+METRIC_FIELDS = ("epoch", "step", "fid", "score", "coverage_entropy", "min_share", "max_share", "seconds")
 
 
 def build_trainer(args) -> Trainer:
@@ -110,11 +118,28 @@ def write_losses_csv(trainer: Trainer, path: Path):
 
 
 def write_outputs(trainer: Trainer, out: Path, steps_per_epoch: int, plotter: BackgroundPlotter):
-    """Checkpoint, losses.csv and (in the background) losses.png."""
+    """Checkpoint, losses.csv and (in the background) losses.png and fid.png."""
     trainer.save(out / "checkpoint.npz")
     write_losses_csv(trainer, out / "losses.csv")
     if trainer.history["step"]:
-        plotter.start(out / "losses.csv", out / "losses.png", steps_per_epoch)
+        plotter.start(out, steps_per_epoch)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """Rows of an existing metrics.csv (a resumed run appends to them)."""
+    import csv
+
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def write_metrics(rows: list[dict], path: Path):
+    with atomic_write(path, "w") as f:
+        f.write(",".join(METRIC_FIELDS) + "\n")
+        for r in rows:
+            f.write(",".join("%d" % r[k] if k in ("epoch", "step") else "%.6g" % r[k] for k in METRIC_FIELDS) + "\n")
 
 
 class _StopFlag:
@@ -172,6 +197,10 @@ def run(args) -> int:
           f"batch {c.batch_size}, {c.dtype}; run folder {out}", file=sys.stderr)
     fixed_z = trainer.fixed_z(100)
     plotter = BackgroundPlotter()
+    eval_dataset = "fashion-mnist" if args.data == "fashion-mnist" else "mnist"
+    metric_rows = read_metrics(out / "metrics.csv") if args.resume else []
+    if metric_rows:
+        metric_rows = [r for r in metric_rows if r["epoch"] <= trainer.epoch]
 
     bar = None
     t0 = [time.perf_counter(), trainer.step]
@@ -192,6 +221,15 @@ def run(args) -> int:
             bar.close()
         if tr.epoch % args.sample_every == 0 or tr.epoch == c.epochs:
             save_grid(tr.generate(fixed_z), out / "samples" / f"epoch_{tr.epoch:03d}.png")
+        if args.eval_every and (tr.epoch % args.eval_every == 0 or tr.epoch == c.epochs):
+            from .evaluate import evaluate_images
+
+            t_eval = time.perf_counter()
+            result = evaluate_images(tr.sample(args.eval_samples, seed=0), eval_dataset,
+                                     precision_recall=False, memorisation=False)
+            result.update(epoch=tr.epoch, step=tr.step, seconds=time.perf_counter() - t_eval)
+            metric_rows.append(result)
+            write_metrics(metric_rows, out / "metrics.csv")
         write_outputs(tr, out, per_epoch, plotter)
         if tr.epoch < target:
             bar = new_bar(tr.epoch + 1)
