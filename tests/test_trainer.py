@@ -165,3 +165,14 @@ def test_png_encoder_round_trips():
 
     back = matplotlib.image.imread(io.BytesIO(encode_png(gray)), format="png")
     np.testing.assert_array_equal(np.rint(back * 255).astype(np.uint8), gray)
+
+
+def test_named_recipes():
+    from mnistgan.config import RECIPES, recipe
+
+    assert recipe("reference") == Config()
+    assert recipe("reference", epochs=3).epochs == 3
+    for name in RECIPES:
+        recipe(name)  # every named recipe is a valid Config
+    with pytest.raises(ValueError, match="unknown recipe 'nope'"):
+        recipe("nope")

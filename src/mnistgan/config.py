@@ -97,5 +97,19 @@ class Config:
         return cls.from_dict(json.loads(text))
 
 
+# Named recipes: field overrides of the reference recipe (the default).
+# benchmarks/quality.py and benchmarks/QUALITY.md say where each comes from.
+RECIPES: dict[str, dict] = {
+    "reference": {},
+}
+
+
+def recipe(name: str, **overrides) -> Config:
+    """The Config of a named recipe, with further field overrides."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}")
+    return Config(**{**RECIPES[name], **overrides})
+
+
 def _finite(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from . import checkpoint as ckpt
-from .config import Config
+from .config import RECIPES, Config, recipe
 from .data import DataError, load
 from .fileio import atomic_write
 from .plots import BackgroundPlotter, save_grid
@@ -52,6 +52,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="mnist",
                    help="mnist (default; falls back to the bundled mnist-sample offline), fashion-mnist, "
                         "mnist-sample, a folder of IDX files, or a .npz with x_train")
+    p.add_argument("--recipe", default=None, choices=sorted(RECIPES),
+                   help="a named recipe (default: reference, the recipe of the README); "
+                        "flags given with it override its fields")
     p.add_argument("--epochs", type=int, default=None, help=f"total epochs (default {d.epochs})")
     p.add_argument("--batch-size", type=positive_int, default=None, help=f"default {d.batch_size}")
     p.add_argument("--lr", type=float, default=None, help=f"Adam learning rate (default {d.lr})")
@@ -94,6 +97,8 @@ def build_trainer(args) -> Trainer:
         path = Path(args.resume)
         if path.is_dir():
             path = path / "checkpoint.npz"
+        if args.recipe:
+            raise CliError("--recipe cannot be combined with --resume: the checkpoint holds its recipe")
         saved = ckpt.load(path)["config"]
         # Only the length of the run may change on resume: anything else would
         # silently train a different recipe than the checkpoint's.
@@ -104,7 +109,7 @@ def build_trainer(args) -> Trainer:
                            + ", ".join(conflicts))
         return Trainer.load(path, **({"epochs": given["epochs"]} if "epochs" in given else {}))
     try:
-        return Trainer(Config(**given))
+        return Trainer(recipe(args.recipe or "reference", **given))
     except ValueError as e:
         raise CliError(str(e).replace("config.", "--").replace("_", "-")) from None
 
