@@ -35,6 +35,7 @@ VARIANTS = {
     "reference": ([], [0, 1, 2], "the reference recipe (DEVELOPERS.md)", 60),
     "no-noise": (["--instance-noise", "0"], [0], "instance noise off", 30),
     "smooth-0.1": (["--label-smoothing", "0.1"], [0], "one-sided label smoothing: real target 0.9", 30),
+    "noise-0.2": (["--instance-noise", "0.2"], [0], "stronger instance noise: 0.2 annealed to 0", 30),
 }
 
 
@@ -127,6 +128,18 @@ def report(epochs: int):
              "Metrics: `python -m mnistgan.evaluate` on 10,000 samples (z seed 0), with the bundled MNIST "
              "classifier (see README, calibration table). Lower FID is better; score at most 10; "
              "coverage 1 = all classes equally often.", ""]
+    from mnistgan.classifier import bundled
+
+    info = bundled("mnist")[0].info
+    lines += ["## The evaluation classifier", "",
+              f"`{info['command']}`: MLP 784-512-256-10 trained on the {info['train_images']:,} sample images "
+              f"({info['epochs']} epochs, random shifts of up to 2 pixels), **{100 * info['test_accuracy']:.2f}%** "
+              f"on the official {info['test_images']:,}-image MNIST test set.", ""]
+    calibration = HERE / "CALIBRATION.md"
+    if calibration.is_file():
+        cal = calibration.read_text().splitlines()
+        lines += ["## Calibration: the metrics on real and on broken images", "",
+                  "`python benchmarks/calibration.py`:", ""] + [l for l in cal if l.startswith("|")] + [""]
     ref = [results[k] for k in results if k[0] == "reference" and k[2] == "running"]
     if ref:
         lines += ["## The reference recipe, 3 seeds (samples drawn with batch-norm running statistics)", ""]
@@ -174,7 +187,7 @@ def plot_curves(curves):
     fig = Figure(figsize=(7, 4.5), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    colors = {"reference": "tab:blue", "no-noise": "tab:red", "smooth-0.1": "tab:green"}
+    colors = {"reference": "tab:blue", "no-noise": "tab:red", "smooth-0.1": "tab:green", "noise-0.2": "tab:purple"}
     for (name, seed), pts in sorted(curves.items()):
         ax.plot([p[0] for p in pts], [p[1] for p in pts], color=colors.get(name), alpha=0.9 if seed == 0 else 0.45,
                 label=name if seed == 0 else None)
