@@ -171,6 +171,8 @@ def test_named_recipes():
     from mnistgan.config import RECIPES, recipe
 
     assert recipe("reference") == Config()
+    assert recipe("label-smoothing").label_smoothing == 0.1
+    assert recipe("label-smoothing", lr=1e-3).lr == 1e-3
     assert recipe("reference", epochs=3).epochs == 3
     for name in RECIPES:
         recipe(name)  # every named recipe is a valid Config
