@@ -103,7 +103,7 @@ def report(epochs: int):
     from mnistgan.evaluate import evaluate_images, format_table
     from mnistgan.plots import save_grid
 
-    results, curves = {}, {}
+    results, curves, shares = {}, {}, {}
     for name, (_, seeds, _, budget) in VARIANTS.items():
         for seed in seeds:
             folder = run_dir(name, seed)
@@ -115,8 +115,9 @@ def report(epochs: int):
                 images = trainer.sample(10000, seed=0, batch_stats=batch_stats)
                 results[(name, seed, bn)] = evaluate_images(images)
             curves[(name, seed)] = [(int(r["epoch"]), float(r["fid"])) for r in read_csv(folder / "metrics.csv")]
-            if name == "reference" and seed == 0:
-                save_grid(trainer.sample(100, seed=1), HERE / "quality_reference_samples.png")
+            if name == "reference":
+                save_grid(trainer.sample(100, seed=1), HERE / f"quality_reference_seed{seed}.png")
+                shares[seed] = digit_shares(trainer.sample(10000, seed=0))
     (HERE / "quality_results.json").write_text(json.dumps(
         {f"{n}/seed{s}/{bn}": r for (n, s, bn), r in results.items()}, indent=1))
     plot_curves(curves)
@@ -189,9 +190,23 @@ def report(epochs: int):
                         lines.append(f"- {name}, seed {s}: {np.mean(fids):.1f} "
                                      f"({', '.join(f'{f:.1f}' for f in fids)})")
     lines += ["", "## FID during training", "", "![FID per epoch](quality_fid.png)", "",
-              "## Reference recipe, seed 0: 100 samples", "", "![samples](quality_reference_samples.png)", ""]
+              "## Reference recipe after 12,000 steps: which digits it draws", "",
+              "Share of each digit among 10,000 samples (z seed 0), as the bundled classifier reads them:", "",
+              "| seed | " + " | ".join(str(d) for d in range(10)) + " |", "|---" * 11 + "|"]
+    for seed, sh in sorted(shares.items()):
+        lines.append(f"| {seed} | " + " | ".join(f"{100 * v:.1f}%" for v in sh) + " |")
+    lines += ["", "100 samples from each seed's final model (z seed 1):", ""]
+    for seed in sorted(shares):
+        lines += [f"Seed {seed}:", "", f"![seed {seed}](quality_reference_seed{seed}.png)", ""]
     (HERE / "QUALITY.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def digit_shares(images):
+    from mnistgan.classifier import bundled
+
+    probs = bundled("mnist")[0].features_and_probs(images)[1]
+    return np.bincount(probs.argmax(1), minlength=10) / len(images)
 
 
 def plot_curves(curves):
