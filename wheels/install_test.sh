@@ -25,7 +25,7 @@ VPY="$WORK/venv/bin/python"
 # The tests run from a copy, far from src/, so only the installed package can be imported.
 cp -r tests "$WORK/tests"
 cd "$WORK"
-clean_env=(env -i HOME="$HOME" PATH="$WORK/venv/bin" LANG=C.UTF-8 CI="${CI:-}" MNISTGAN_EXPECT_INSTALLED=1)
+clean_env=(env -i HOME="$HOME" PATH="$WORK/venv/bin" LANG=C.UTF-8 CI="${CI:-}" MNISTGAN_REQUIRE_FASHION="${MNISTGAN_REQUIRE_FASHION:-}" MNISTGAN_EXPECT_INSTALLED=1)
 if command -v gcc >/dev/null && PATH="$WORK/venv/bin" command -v gcc >/dev/null; then
   echo "install_test: a compiler is still on PATH" >&2; exit 1
 fi
