@@ -102,6 +102,17 @@ cdef cnp.ndarray _out(str name, object a, int typenum, int ndim,
     return arr
 
 
+cdef int64_t* _indices_below(str name, cnp.ndarray idx, Py_ssize_t limit, str what) except NULL:
+    """The data of an int64 index array after checking every entry is in
+    [0, limit): a kernel then indexes with it without further checks."""
+    cdef int64_t* p = <int64_t*>cnp.PyArray_DATA(idx)
+    cdef Py_ssize_t i
+    for i in range(idx.shape[0]):
+        if p[i] < 0 or p[i] >= limit:
+            raise IndexError(f"{name}[{i}] = {p[i]} is out of range for {limit} {what}")
+    return p
+
+
 cdef inline char* _lo(cnp.ndarray a) noexcept nogil:
     return <char*>cnp.PyArray_DATA(a)
 
@@ -710,11 +721,7 @@ def softmax_cross_entropy(logits, labels, probs, dlogits):
         _disjoint(oname, o, "logits", z)
         _disjoint(oname, o, "labels", lab)
     _disjoint("dlogits", dz, "probs", p)
-    cdef int64_t* pl = <int64_t*>_lo(lab)
-    cdef Py_ssize_t i
-    for i in range(n):
-        if pl[i] < 0 or pl[i] >= k:
-            raise IndexError(f"labels[{i}] = {pl[i]} is out of range for {k} classes")
+    cdef int64_t* pl = _indices_below("labels", lab, k, "classes")
     cdef double loss
     if t == F32:
         with nogil:
@@ -828,11 +835,7 @@ def gather_batch(images, idx, out):
     cdef cnp.ndarray o = _out("out", out, t, 2, n, d)
     _disjoint("out", o, "images", im)
     _disjoint("out", o, "idx", ix)
-    cdef int64_t* pidx = <int64_t*>_lo(ix)
-    cdef Py_ssize_t i
-    for i in range(n):
-        if pidx[i] < 0 or pidx[i] >= N:
-            raise IndexError(f"idx[{i}] = {pidx[i]} is out of range for {N} images")
+    cdef int64_t* pidx = _indices_below("idx", ix, N, "images")
     if t == F32:
         with nogil:
             gather_k(<uint8_t*>_lo(im), pidx, <float*>_lo(o), n, d)
