@@ -79,8 +79,15 @@ def test_resume_continues_to_more_epochs(trained_run, small_data, tmp_path):
     out, _ = trained_run
     copy = tmp_path / "run"
     shutil.copytree(out, copy)
+    # What kill -9 between open and rename leaves behind: the next run clears it.
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    debris = [copy / f".losses.csv.{dead}.tmp", copy / "samples" / f".epoch_002.png.{dead}.tmp"]
+    for path in debris:
+        path.write_bytes(b"half")
     r = run("mnistgan.train", "--data", str(small_data), "--resume", str(copy), "--epochs", "3")
     assert r.returncode == 0, r.stderr
+    assert not any(path.exists() for path in debris)
     assert len((copy / "losses.csv").read_text().splitlines()) == 1 + 3 * 6
     assert (copy / "samples" / "epoch_003.png").is_file()
 

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .fileio import remove_stale_temporaries
+
 IMAGE_MAGIC = 2051
 LABEL_MAGIC = 2049
 # IDX type code 0x08: unsigned byte, the only one MNIST-style files use.
@@ -226,6 +228,7 @@ def download(mirrors, filename: str, sha256: str, dest: Path, *, progress: bool 
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(dest.parent)  # a download killed mid-transfer
     failures = []
     for base in mirrors:
         url = base.rstrip("/") + "/" + filename

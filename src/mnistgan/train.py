@@ -16,7 +16,7 @@ from pathlib import Path
 from . import checkpoint as ckpt
 from .config import RECIPES, Config, recipe
 from .data import DataError, load
-from .fileio import atomic_write
+from .fileio import atomic_write, remove_stale_temporaries
 from .plots import BackgroundPlotter, save_grid
 from .trainer import Trainer, TrainingDiverged
 
@@ -189,6 +189,8 @@ def run(args) -> int:
         out = Path("runs/mnistgan")
     try:
         (out / "samples").mkdir(parents=True, exist_ok=True)
+        for folder in (out, out / "samples"):
+            remove_stale_temporaries(folder)
         with atomic_write(out / "config.json", "w") as f:
             f.write(c.to_json() + "\n")
     except OSError as e:
