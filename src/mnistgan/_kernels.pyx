@@ -22,11 +22,20 @@ cimport cython
 cimport numpy as cnp
 from libc.math cimport exp, log, log1p, sqrt, sqrtf, tanh, fabs
 from libc.string cimport memcpy
+from libc.stdlib cimport calloc, free
 from libc.stdint cimport int64_t, uint8_t
 from scipy.linalg.cython_blas cimport sgemm, dgemm
 
 cdef extern from "_fastmath.h" nogil:
     float mg_tanhf(float x)
+
+cdef extern from "_sync.h" nogil:
+    ctypedef long mg_atomic
+    long mg_load(mg_atomic* p)
+    void mg_store(mg_atomic* p, long v)
+    long mg_fetch_add(mg_atomic* p, long v)
+    bint mg_wait_le(mg_atomic* p, long bound, mg_atomic* abort)
+    bint mg_wait_ge(mg_atomic* p, long bound, mg_atomic* abort)
 
 import numpy as np
 
@@ -895,3 +904,410 @@ def all_finite(X):
         with nogil:
             ok = all_finite_k(<double*>_lo(x), size)
     return ok
+
+
+# ---------------------------------------------------------------------------
+# 7. The backward plan: a whole backward pass, and its Adam step, in one call
+# ---------------------------------------------------------------------------
+# Backpropagation through a stack is one chain that cannot be split: the
+# gradient of layer i's input needs that of its output. The weight gradients
+# (dW = X^T dY) and the Adam update of each layer hang off that chain but do
+# not feed it. So a plan runs the chain on the calling thread and offers the
+# rest as tasks, in the order they become possible:
+#     dW(L-1), Adam(L-1), dW(L-2), Adam(L-2), ..., dW(0), Adam(0),
+# each cut into blocks (dW by columns, Adam by runs of parameters) so that
+# the last layer's big dW and Adam do not leave one thread idle at the end.
+# A second thread (see network.py) takes tasks as soon as their inputs exist;
+# the chain thread takes what is left once the chain is done. On two cores
+# each thread calls 1-thread BLAS on a whole product, which wastes less than
+# one GEMM split across both cores. With one thread the same code runs the
+# chain and then every task in order: one path, whichever threads there are.
+#
+# Three counters order the threads (acquire/release atomics, _sync.h):
+#   ready      = lowest layer whose output gradient dY is final (n_layers: none)
+#   chain_done = lowest layer the chain has finished with, so its W and gamma
+#                are no longer read and Adam may overwrite them
+#   next_task  = the next task to hand out
+# and dw_done[i] counts the finished dW blocks of layer i. A task waits only
+# for the chain or for a task handed out before it, so nothing can deadlock
+# as long as the chain runs; `abort` releases a helper if it never will.
+
+cdef enum:
+    ACT_RELU = 0        # hidden layer: dense -> ReLU
+    ACT_RELU_BN = 1     # hidden layer: dense -> ReLU -> batch norm
+    ACT_TANH = 2        # output layer: dense -> tanh
+    ACT_LINEAR = 3      # output layer: dense alone (logits)
+
+_ACTIVATIONS = {"relu": ACT_RELU, "relu_bn": ACT_RELU_BN, "tanh": ACT_TANH, "linear": ACT_LINEAR}
+
+
+cdef struct LayerPlan:
+    char* x          # (n, d_in)  the layer's input
+    char* w          # (d_in, d_out)
+    char* y          # (n, d_out) activation output kept by the forward (ReLU or tanh output)
+    char* gout       # (n, d_out) dLoss/d(layer output): batch-norm output for relu_bn
+    char* gpre       # (n, d_out) dLoss/d(dense output); may be gout itself (not for relu_bn)
+    char* gx         # (n, d_in)  dLoss/d(input) or NULL
+    char* dw         # (d_in, d_out) or NULL
+    char* db         # (d_out,) or NULL
+    char* mean       # batch norm: (d_out,) each, else NULL
+    char* invstd
+    char* gamma
+    char* dgamma
+    char* dbeta
+    int d_in
+    int d_out
+    int act
+    Py_ssize_t p_lo  # this layer's parameters: [p_lo, p_lo + p_size) of the flat arrays
+    Py_ssize_t p_size
+
+
+cdef struct Task:
+    int kind           # TASK_DW: dW[:, lo:hi] and db[lo:hi]; TASK_ADAM: Adam on flat[lo:hi]
+    int layer
+    Py_ssize_t lo
+    Py_ssize_t hi
+
+
+cdef enum:
+    TASK_DW = 0
+    TASK_ADAM = 1
+
+# Tasks are cut small enough that the two threads finish together: a layer's
+# dW in column blocks of at most DW_CHUNK_MACS multiply-adds (a whole number of
+# 16-column panels), its Adam step in runs of at most ADAM_CHUNK parameters.
+cdef Py_ssize_t DW_CHUNK_MACS = 1 << 25
+cdef Py_ssize_t ADAM_CHUNK = 1 << 17
+
+
+cdef struct PlanState:
+    LayerPlan* layers
+    int n_layers
+    int n
+    Task* tasks
+    int n_tasks
+    int* dw_chunks     # per layer: how many dW tasks it has
+    char* p            # flat parameters, gradients, Adam moments (Adam only)
+    char* g
+    char* m
+    char* v
+    double lr, beta1, beta2, eps
+    long step
+    mg_atomic ready
+    mg_atomic chain_done
+    mg_atomic next_task
+    mg_atomic aborted
+    mg_atomic* dw_done
+
+
+cdef void _plan_chain(PlanState* s, floating* tag) noexcept nogil:
+    cdef int i
+    cdef LayerPlan* L
+    cdef Py_ssize_t size
+    for i in range(s.n_layers - 1, -1, -1):
+        L = &s.layers[i]
+        size = <Py_ssize_t>s.n * L.d_out
+        if L.act == ACT_TANH:
+            tanh_backward_k(<floating*>L.y, <floating*>L.gout, <floating*>L.gpre, size)
+        elif L.act == ACT_RELU_BN:
+            batchnorm_backward_k(<floating*>L.y, <floating*>L.mean, <floating*>L.invstd,
+                                 <floating*>L.gamma, <floating*>L.gout, <floating*>L.dgamma,
+                                 <floating*>L.dbeta, <floating*>L.gpre, s.n, L.d_out)
+            relu_backward_k(<floating*>L.y, <floating*>L.gpre, <floating*>L.gpre, size)
+        elif L.act == ACT_RELU:
+            relu_backward_k(<floating*>L.y, <floating*>L.gout, <floating*>L.gpre, size)
+        mg_store(&s.ready, i)
+        if L.gx != NULL:
+            dense_backward_k(<floating*>L.x, <floating*>L.w, <floating*>L.gpre,
+                             <floating*>NULL, <floating*>NULL, <floating*>L.gx, s.n, L.d_in, L.d_out)
+        mg_store(&s.chain_done, i)
+
+
+cdef void _plan_tasks(PlanState* s, floating* tag) noexcept nogil:
+    cdef long t
+    cdef Task* T
+    cdef LayerPlan* L
+    cdef Py_ssize_t i, j
+    cdef floating* db
+    cdef floating* row
+    while True:
+        t = mg_fetch_add(&s.next_task, 1)
+        if t >= s.n_tasks:
+            return
+        T = &s.tasks[t]
+        L = &s.layers[T.layer]
+        if T.kind == TASK_DW:
+            if not mg_wait_le(&s.ready, T.layer, &s.aborted):
+                return
+            gemm_rm(True, False, L.d_in, <int>(T.hi - T.lo), s.n, 1, <floating*>L.x, L.d_in,
+                    <floating*>L.gpre + T.lo, L.d_out, 0, <floating*>L.dw + T.lo, L.d_out)
+            db = <floating*>L.db
+            for j in range(T.lo, T.hi):
+                db[j] = 0
+            for i in range(s.n):
+                row = <floating*>L.gpre + i * L.d_out
+                for j in range(T.lo, T.hi):
+                    db[j] += row[j]
+            mg_fetch_add(&s.dw_done[T.layer], 1)
+        else:
+            if not (mg_wait_ge(&s.dw_done[T.layer], s.dw_chunks[T.layer], &s.aborted)
+                    and mg_wait_le(&s.chain_done, T.layer, &s.aborted)):
+                return
+            adam_k(<floating*>s.p + T.lo, <floating*>s.g + T.lo, <floating*>s.m + T.lo,
+                   <floating*>s.v + T.lo, T.hi - T.lo, s.lr, s.beta1, s.beta2, s.eps, s.step)
+
+
+cdef class BackwardPlan:
+    """A network's backward pass over fixed buffers, checked once, run many times.
+
+    layers: one dict per dense layer, input layer first, with the arrays
+    (all C-contiguous, one float dtype, n rows):
+        x (n, d_in), w (d_in, d_out), y (n, d_out) the ReLU/tanh output of
+        the forward, gout (n, d_out) the gradient of the layer's output,
+        gpre (n, d_out) scratch for the gradient before the activation (may
+        be gout itself, except for relu_bn), gx (n, d_in) or None: the input
+        gradient, which must be the previous layer's gout;
+        act: "relu", "relu_bn", "tanh" or "linear" (the last two only last);
+        for relu_bn: mean, invstd (from the training forward), gamma, dgamma,
+        dbeta (d_out,);
+        with param_grads: dw (d_in, d_out), db (d_out,).
+    adam: None, or (params, grads, m, v), the flat 1-D arrays in which every
+    layer's w, b (and gamma, beta) lie, in order; then each layer also needs
+    p_lo, p_size: its slice of the flat arrays, which must start at its w
+    and hold its dw, db, dgamma and dbeta.
+
+    Everything is checked here, so `work` can run without the GIL.
+    """
+    cdef PlanState s
+    cdef bint is_f32
+    cdef readonly bint param_grads, adam
+    cdef list keep
+
+    def __cinit__(self):
+        self.s.layers = NULL
+        self.s.dw_done = NULL
+        self.s.dw_chunks = NULL
+        self.s.tasks = NULL
+        self.s.n_tasks = 0
+
+    def __init__(self, layers, *, bint param_grads, adam=None):
+        cdef int i, t, L = len(layers)
+        if L < 1:
+            raise ValueError("a plan needs at least one layer")
+        self.keep = []
+        t = _float_type("layers[0]['w']", layers[0]["w"])
+        self.is_f32 = t == F32
+        self.param_grads = param_grads or adam is not None
+        self.adam = adam is not None
+        self.s.layers = <LayerPlan*>calloc(L, sizeof(LayerPlan))
+        self.s.dw_done = <mg_atomic*>calloc(L, sizeof(mg_atomic))
+        self.s.dw_chunks = <int*>calloc(L, sizeof(int))
+        if self.s.layers == NULL or self.s.dw_done == NULL or self.s.dw_chunks == NULL:
+            raise MemoryError()
+        self.s.n_layers = L
+        self.s.n = _check("layers[0]['x']", layers[0]["x"], t, 2).shape[0]
+        if self.s.n < 1:
+            raise ValueError("layers[0]['x'] has no rows")
+        flat = None
+        if self.adam:
+            if len(adam) != 4:
+                raise ValueError("adam must be (params, grads, m, v)")
+            flat = [_out(name, a, t, 1) for name, a in zip(("params", "grads", "m", "v"), adam)]
+            for j in range(1, 4):
+                if flat[j].shape[0] != flat[0].shape[0]:
+                    raise ValueError("params, grads, m and v must have one length")
+                for k in range(j):
+                    _disjoint(("params", "grads", "m", "v")[j], flat[j], ("params", "grads", "m", "v")[k], flat[k])
+            self.keep.extend(flat)
+            self.s.p = _lo(<cnp.ndarray>flat[0])
+            self.s.g = _lo(<cnp.ndarray>flat[1])
+            self.s.m = _lo(<cnp.ndarray>flat[2])
+            self.s.v = _lo(<cnp.ndarray>flat[3])
+        prev_gout = None
+        for i in range(L):
+            self._add_layer(i, layers[i], t, L, flat, prev_gout)
+            prev_gout = layers[i]["gout"]
+        if self.adam:
+            # Each parameter is stepped once: the layers' slices may not overlap.
+            spans = sorted((self.s.layers[i].p_lo, self.s.layers[i].p_lo + self.s.layers[i].p_size, i)
+                           for i in range(L))
+            for (lo0, hi0, a), (lo1, hi1, b) in zip(spans, spans[1:]):
+                if lo1 < hi0:
+                    raise ValueError(f"the parameter slices of layers[{a}] and layers[{b}] overlap")
+        if self.param_grads:
+            self._cut_tasks()
+
+    cdef _cut_tasks(self):
+        """The task list: per layer, last first, its dW blocks then its Adam runs."""
+        cdef int i, k, chunks
+        cdef LayerPlan* lp
+        cdef Py_ssize_t cols, lo, step
+        todo = []
+        for i in range(self.s.n_layers - 1, -1, -1):
+            lp = &self.s.layers[i]
+            cols = max(16, DW_CHUNK_MACS // max(1, <Py_ssize_t>lp.d_in * self.s.n) // 16 * 16)
+            chunks = 0
+            for lo in range(0, lp.d_out, cols):
+                todo.append((TASK_DW, i, lo, min(lo + cols, lp.d_out)))
+                chunks += 1
+            self.s.dw_chunks[i] = chunks
+            if self.adam:
+                for lo in range(lp.p_lo, lp.p_lo + lp.p_size, ADAM_CHUNK):
+                    todo.append((TASK_ADAM, i, lo, min(lo + ADAM_CHUNK, lp.p_lo + lp.p_size)))
+        self.s.tasks = <Task*>calloc(max(1, len(todo)), sizeof(Task))
+        if self.s.tasks == NULL:
+            raise MemoryError()
+        for k, (kind, i, lo, hi) in enumerate(todo):
+            self.s.tasks[k].kind = kind
+            self.s.tasks[k].layer = i
+            self.s.tasks[k].lo = lo
+            self.s.tasks[k].hi = hi
+        self.s.n_tasks = len(todo)
+
+    cdef _add_layer(self, int i, dict spec, int t, int L, list flat, object prev_gout):
+        cdef LayerPlan* lp = &self.s.layers[i]
+        cdef int n = self.s.n
+        name = f"layers[{i}]"
+        act = spec.get("act")
+        if act not in _ACTIVATIONS:
+            raise ValueError(f"{name}['act'] must be one of {sorted(_ACTIVATIONS)}, got {act!r}")
+        lp.act = _ACTIVATIONS[act]
+        if (lp.act == ACT_TANH or lp.act == ACT_LINEAR) != (i == L - 1):
+            raise ValueError(f"{name}: 'tanh' and 'linear' are for the last layer, 'relu' and 'relu_bn' for the others")
+        w = _check(f"{name}['w']", spec["w"], t, 2)
+        cdef Py_ssize_t d_in = w.shape[0], d_out = w.shape[1]
+        x = _check(f"{name}['x']", spec["x"], t, 2, n, d_in)
+        y = _check(f"{name}['y']", spec["y"], t, 2, n, d_out)
+        gout = _out(f"{name}['gout']", spec["gout"], t, 2, n, d_out)
+        gpre = _out(f"{name}['gpre']", spec["gpre"], t, 2, n, d_out)
+        if lp.act == ACT_RELU_BN:
+            _disjoint(f"{name}['gpre']", gpre, f"{name}['gout']", gout)
+        else:
+            _same_or_disjoint(f"{name}['gpre']", gpre, f"{name}['gout']", gout)
+        arrays = [w, x, y, gout, gpre]
+        for other_name, other in ((f"{name}['x']", x), (f"{name}['w']", w), (f"{name}['y']", y)):
+            _disjoint(f"{name}['gpre']", gpre, other_name, other)
+        gx = spec.get("gx")
+        if gx is not None:
+            gx = _out(f"{name}['gx']", gx, t, 2, n, d_in)
+            for other_name, other in (("x", x), ("w", w), ("gpre", gpre)):
+                _disjoint(f"{name}['gx']", gx, f"{name}['{other_name}']", other)
+            arrays.append(gx)
+            lp.gx = _lo(gx)
+        if i > 0:
+            # The chain hands layer i's input gradient to layer i-1 as its gout.
+            if gx is None or _lo(<cnp.ndarray>prev_gout) != _lo(gx):
+                raise ValueError(f"{name}['gx'] must be layers[{i - 1}]['gout']")
+        lp.x = _lo(x)
+        lp.w = _lo(w)
+        lp.y = _lo(y)
+        lp.gout = _lo(gout)
+        lp.gpre = _lo(gpre)
+        lp.d_in = <int>d_in
+        lp.d_out = <int>d_out
+        if lp.act == ACT_RELU_BN:
+            vecs = []
+            for key in ("mean", "invstd", "gamma", "dgamma", "dbeta"):
+                f = _out if key.startswith("d") else _check
+                vecs.append(f(f"{name}['{key}']", spec[key], t, 1, d_out))
+            for a_name, a in (("dgamma", vecs[3]), ("dbeta", vecs[4])):
+                for o_name, o in (("mean", vecs[0]), ("invstd", vecs[1]), ("gamma", vecs[2]),
+                                  ("x", x), ("y", y), ("gout", gout), ("gpre", gpre)):
+                    _disjoint(f"{name}['{a_name}']", a, f"{name}['{o_name}']", o)
+            _disjoint(f"{name}['dgamma']", vecs[3], f"{name}['dbeta']", vecs[4])
+            arrays.extend(vecs)
+            lp.mean = _lo(<cnp.ndarray>vecs[0])
+            lp.invstd = _lo(<cnp.ndarray>vecs[1])
+            lp.gamma = _lo(<cnp.ndarray>vecs[2])
+            lp.dgamma = _lo(<cnp.ndarray>vecs[3])
+            lp.dbeta = _lo(<cnp.ndarray>vecs[4])
+        if self.param_grads:
+            dw = _out(f"{name}['dw']", spec["dw"], t, 2, d_in, d_out)
+            db = _out(f"{name}['db']", spec["db"], t, 1, d_out)
+            for o_name, o in (("x", x), ("gpre", gpre), ("y", y), ("gout", gout)):
+                _disjoint(f"{name}['dw']", dw, f"{name}['{o_name}']", o)
+                _disjoint(f"{name}['db']", db, f"{name}['{o_name}']", o)
+            _disjoint(f"{name}['dw']", dw, f"{name}['db']", db)
+            arrays.extend([dw, db])
+            lp.dw = _lo(dw)
+            lp.db = _lo(db)
+        if self.adam:
+            self._check_adam_slice(lp, name, flat, spec, t)
+        self.keep.extend(arrays)
+
+    cdef _check_adam_slice(self, LayerPlan* lp, str name, list flat, dict spec, int t):
+        cdef Py_ssize_t lo = spec["p_lo"], size = spec["p_size"]
+        cdef Py_ssize_t item = 4 if t == F32 else 8
+        cdef Py_ssize_t total = flat[0].shape[0]
+        if lo < 0 or size < 0 or lo + size > total:
+            raise ValueError(f"{name}: parameter slice [{lo}, {lo + size}) is outside the {total} flat parameters")
+        # Adam updates exactly this slice: it must hold the layer's parameters
+        # and their gradients, or it would update the wrong memory.
+        if lp.w != _lo(flat[0]) + lo * item:
+            raise ValueError(f"{name}: 'w' does not start the layer's slice of the flat parameters")
+        cdef char* start = _lo(<cnp.ndarray>flat[1]) + lo * item
+        cdef char* stop = start + size * item
+        keys = ("dw", "db", "dgamma", "dbeta") if lp.act == ACT_RELU_BN else ("dw", "db")
+        for key in keys:
+            a = <cnp.ndarray>spec[key]  # checked by _add_layer
+            if not (start <= _lo(a) and _hi(a) <= stop):
+                raise ValueError(f"{name}: '{key}' is not inside the layer's slice of the flat gradients")
+        lp.p_lo = lo
+        lp.p_size = size
+
+    def __dealloc__(self):
+        free(self.s.layers)
+        free(<void*>self.s.dw_done)
+        free(self.s.dw_chunks)
+        free(self.s.tasks)
+
+    @property
+    def n(self):
+        """Rows of the batch the plan was made for."""
+        return self.s.n
+
+    @property
+    def n_tasks(self):
+        return self.s.n_tasks
+
+    def start(self, *, double lr=0, double beta1=0, double beta2=0, double eps=1, long step=1):
+        """Reset the counters before a run (and set Adam's hyperparameters)."""
+        cdef int i
+        if self.adam:
+            if step < 1:
+                raise ValueError(f"step must be >= 1, got {step}")
+            if not (lr >= 0):
+                raise ValueError(f"lr must be >= 0, got {lr}")
+            if not (0 <= beta1 < 1):
+                raise ValueError(f"beta1 must be in [0, 1), got {beta1}")
+            if not (0 <= beta2 < 1):
+                raise ValueError(f"beta2 must be in [0, 1), got {beta2}")
+            if not (eps > 0):
+                raise ValueError(f"eps must be > 0, got {eps}")
+        self.s.lr, self.s.beta1, self.s.beta2, self.s.eps, self.s.step = lr, beta1, beta2, eps, step
+        for i in range(self.s.n_layers):
+            mg_store(&self.s.dw_done[i], 0)
+        mg_store(&self.s.chain_done, self.s.n_layers)
+        mg_store(&self.s.ready, self.s.n_layers)
+        mg_store(&self.s.next_task, 0)
+        mg_store(&self.s.aborted, 0)
+
+    def abort(self):
+        """Release a helper waiting for a chain that will not run (the caller
+        was interrupted before it): the helper returns without touching memory."""
+        mg_store(&self.s.aborted, 1)
+
+    def work(self, bint chain):
+        """Run, without the GIL: the chain and then any tasks left (chain=True,
+        exactly one caller per run), or tasks only (chain=False, a helper)."""
+        cdef PlanState* s = &self.s
+        if self.is_f32:
+            with nogil:
+                if chain:
+                    _plan_chain(s, <float*>NULL)
+                _plan_tasks(s, <float*>NULL)
+        else:
+            with nogil:
+                if chain:
+                    _plan_chain(s, <double*>NULL)
+                _plan_tasks(s, <double*>NULL)

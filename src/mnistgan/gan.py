@@ -24,6 +24,7 @@ import numpy as np
 
 from . import _kernels as K
 from .config import Config
+from .parallel import HELPER_ADVISED, blas_threads
 from .network import DenseStack
 
 
@@ -37,7 +38,8 @@ class StepStats(NamedTuple):
 class GAN:
     """Generator and discriminator of `config`, with all step buffers allocated once."""
 
-    def __init__(self, config: Config | None = None, rng: np.random.Generator | None = None):
+    def __init__(self, config: Config | None = None, rng: np.random.Generator | None = None,
+                 *, parallel: bool | None = None):
         c = self.config = config if config is not None else Config()
         self.rng = rng if rng is not None else np.random.default_rng(c.seed)
         self.dtype = np.dtype(c.dtype)
@@ -67,6 +69,9 @@ class GAN:
         self._d_grad_out = self.D.grad_output(2 * B)
         self._g_grad_out = self.D.grad_output(B)
         self.steps = 0
+        # Share each backward with a helper thread when BLAS may use >= 2
+        # threads (mnistgan.parallel). None: where that is expected to pay.
+        self.parallel = HELPER_ADVISED if parallel is None else bool(parallel)
 
     @property
     def batch_size(self) -> int:
@@ -81,26 +86,24 @@ class GAN:
         else:
             noise[...] = 0
 
-    def _discriminator_pass(self, std: float) -> tuple[float, float, float]:
-        """D loss and D's gradients, from the real rows of d_input, z and noise."""
+    def _discriminator_loss(self, std: float) -> tuple[float, float, float]:
+        """D loss, its gradient in _d_grad_out, from the real rows of d_input, z and noise."""
         fake = self.G.forward(self.z, train=True)
         K.add_noise(self._real, self._noise_real, std, self._real)
         K.add_noise(fake, self._noise_fake, std, self._fake)
         logits = self.D.forward(self.d_input)
         loss = K.sigmoid_bce(logits, self.d_targets, self.probs, self._d_grad_out)
-        self.D.backward(self._d_grad_out, param_grads=True)
         return loss, float(self._probs_real.mean()), float(self._probs_fake.mean())
 
-    def _generator_pass(self, std: float) -> float:
-        """G loss and G's gradients, from z and the first B rows of noise."""
+    def _generator_loss(self, std: float) -> tuple[float, np.ndarray]:
+        """G loss and its gradient w.r.t. the fake batch, from z and the first B rows of noise."""
         fake = self.G.forward(self.z, train=True)
         K.add_noise(fake, self._noise_real, std, self._real)
         logits = self.D.forward(self._real)
         loss = K.sigmoid_bce(logits, self.g_targets, self._probs_g, self._g_grad_out)
         # Noise is additive, so d loss / d fake = d loss / d (fake + noise).
         d_fake = self.D.backward(self._g_grad_out, param_grads=False)
-        self.G.backward(d_fake, param_grads=True)
-        return loss
+        return loss, d_fake
 
     # -- public ------------------------------------------------------------------
 
@@ -113,13 +116,14 @@ class GAN:
             raise ValueError(f"images has shape {getattr(images, 'shape', None)}, expected (N, {c.image_dim})")
         if getattr(idx, "shape", None) != (c.batch_size,):
             raise ValueError(f"idx has shape {getattr(idx, 'shape', None)}, expected ({c.batch_size},)")
+        parallel = self.parallel and blas_threads() >= 2
         K.gather_batch(images, idx, self._real)
         self._draw(self.noise, noise_std)
-        d_loss, d_real, d_fake = self._discriminator_pass(noise_std)
-        self.D.adam_update(c.lr, c.beta1, c.beta2, c.adam_eps)
+        d_loss, d_real, d_fake = self._discriminator_loss(noise_std)
+        self.D.backward_and_update(self._d_grad_out, c.lr, c.beta1, c.beta2, c.adam_eps, parallel=parallel)
         self._draw(self._noise_real, noise_std)
-        g_loss = self._generator_pass(noise_std)
-        self.G.adam_update(c.lr, c.beta1, c.beta2, c.adam_eps)
+        g_loss, grad_fake = self._generator_loss(noise_std)
+        self.G.backward_and_update(grad_fake, c.lr, c.beta1, c.beta2, c.adam_eps, parallel=parallel)
         self.steps += 1
         return StepStats(d_loss, g_loss, d_real, d_fake)
 
@@ -132,13 +136,17 @@ class GAN:
         self._real[...] = real
         self.z[...] = z
         self.noise[...] = noise
-        return self._discriminator_pass(noise_std)[0]
+        loss = self._discriminator_loss(noise_std)[0]
+        self.D.backward(self._d_grad_out, param_grads=True, input_grad=False)
+        return loss
 
     def generator_gradients(self, z, noise, noise_std: float) -> float:
         """G loss for given z (B, latent_dim), noise (B, image_dim); gradients in G.grads."""
         self.z[...] = z
         self._noise_real[...] = noise
-        return self._generator_pass(noise_std)
+        loss, grad_fake = self._generator_loss(noise_std)
+        self.G.backward(grad_fake, param_grads=True)
+        return loss
 
     def generate(self, z: np.ndarray, *, batch_stats: bool = False) -> np.ndarray:
         """Images in [-1, 1], shape (n, image_dim), from z (n, latent_dim); a new array.

@@ -20,6 +20,7 @@ import math
 import numpy as np
 
 from . import _kernels as K
+from .parallel import run_plan
 
 OUTPUTS = ("tanh", "linear")
 
@@ -76,6 +77,7 @@ class DenseStack:
         self._init_parameters(rng)
         self._allocate_activations(input_grad)
         self._views: dict[int, _Views] = {}
+        self._plans: dict[tuple, tuple] = {}
         self._last_input = None
         self._last_n = 0
         self._last_train = False
@@ -118,6 +120,14 @@ class DenseStack:
                 self.buffers[f"bn{i}.{stat}"] = self.flat_buffers[offset:offset + d]
                 offset += d
 
+        # Each layer's parameters (dense{i}.*, then bn{i}.*) are one slice of
+        # the flat arrays: (start, size) per layer, for a per-layer Adam step.
+        self._layer_slices = []
+        offset = 0
+        for i in range(self.n_layers):
+            size = sum(math.prod(s) for name, s in shapes if name.startswith((f"dense{i}.", f"bn{i}.")))
+            self._layer_slices.append((offset, size))
+            offset += size
         L = self.n_layers
         self.W = [self.params[f"dense{i}.weight"] for i in range(L)]
         self.b = [self.params[f"dense{i}.bias"] for i in range(L)]
@@ -215,46 +225,80 @@ class DenseStack:
         """The buffer (n, sizes[-1]) in which to write dLoss/dOutput before backward."""
         return self.views(n).gpost[self.n_layers - 1]
 
-    def backward(self, grad_out: np.ndarray, *, param_grads: bool = True):
+    def _plan(self, n: int, *, param_grads: bool, input_grad: bool, adam: bool) -> K.BackwardPlan:
+        """The backward plan for n rows, made on first use and kept while the
+        forward's input stays the same array (the GAN's buffers always do)."""
+        x = self._last_input
+        key = (n, param_grads, input_grad, adam)
+        hit = self._plans.get(key)
+        if hit is not None and hit[0] is x:
+            return hit[1]
+        v = self.views(n)
+        last = self.n_layers - 1
+        layers = []
+        for i in range(self.n_layers):
+            if i < last:
+                act = "relu_bn" if self.hidden_batchnorm else "relu"
+            else:
+                act = self.output
+            spec = dict(x=x if i == 0 else v.post[i - 1], w=self.W[i], y=v.pre[i], gout=v.gpost[i],
+                        gpre=v.gpre[i], act=act, dw=self.dW[i], db=self.db[i],
+                        gx=v.gpost[i - 1] if i > 0 else (v.ginput if input_grad else None),
+                        p_lo=self._layer_slices[i][0], p_size=self._layer_slices[i][1])
+            if act == "relu_bn":
+                spec.update(mean=self._batch_mean[i], invstd=self._batch_invstd[i], gamma=self.gamma[i],
+                            dgamma=self.dgamma[i], dbeta=self.dbeta[i])
+            layers.append(spec)
+        plan = K.BackwardPlan(layers, param_grads=param_grads,
+                              adam=(self.flat_params, self.flat_grads, self.adam_m, self.adam_v) if adam else None)
+        self._plans[key] = (x, plan)
+        return plan
+
+    def _start_backward(self, grad_out: np.ndarray) -> int:
+        n = self._last_n
+        if n == 0 or self._last_input is None:
+            raise RuntimeError(f"{self.name}: backward called before forward")
+        if self.hidden_batchnorm and not self._last_train:
+            raise RuntimeError(f"{self.name}: backward needs a forward with train=True")
+        gout = self.views(n).gpost[self.n_layers - 1]
+        if grad_out is not gout:
+            if getattr(grad_out, "shape", None) != gout.shape:
+                raise ValueError(f"{self.name}: grad_out has shape {getattr(grad_out, 'shape', None)}, "
+                                 f"expected {gout.shape}")
+            np.copyto(gout, grad_out)
+        return n
+
+    def backward(self, grad_out: np.ndarray, *, param_grads: bool = True, input_grad: bool = True):
         """Backpropagate grad_out (n, sizes[-1]) through the last forward pass.
 
         param_grads=True writes every parameter gradient into `grads`
         (overwriting, not accumulating). param_grads=False computes only what
         the input gradient needs (the gradients in `grads` are then stale).
         Returns the input gradient (n, sizes[0]) if the network has an input
-        gradient buffer, else None.
+        gradient buffer and input_grad is set, else None.
         """
-        n = self._last_n
-        if n == 0 or self._last_input is None:
-            raise RuntimeError(f"{self.name}: backward called before forward")
-        if self.hidden_batchnorm and not self._last_train:
-            raise RuntimeError(f"{self.name}: backward needs a forward with train=True")
-        v = self.views(n)
-        last = self.n_layers - 1
-        g = grad_out
-        for i in range(last, -1, -1):
-            if i == last:
-                if self.output == "tanh":
-                    K.tanh_backward(v.pre[i], g, v.gpre[i])
-                    g = v.gpre[i]
-            else:
-                if self.hidden_batchnorm:
-                    # Without param_grads the dgamma/dbeta written here are
-                    # scratch: batch norm's dX needs both sums anyway.
-                    K.batchnorm_backward(v.pre[i], self._batch_mean[i], self._batch_invstd[i],
-                                         self.gamma[i], g, self.dgamma[i], self.dbeta[i], v.gpre[i])
-                    K.relu_backward(v.pre[i], v.gpre[i], v.gpre[i])
-                else:
-                    K.relu_backward(v.pre[i], g, v.gpre[i])
-                g = v.gpre[i]
-            a_in = self._last_input if i == 0 else v.post[i - 1]
-            dx = v.gpost[i - 1] if i > 0 else v.ginput
-            if param_grads:
-                K.dense_backward(a_in, self.W[i], g, self.dW[i], self.db[i], dx)
-            elif dx is not None:
-                K.dense_backward(a_in, self.W[i], g, None, None, dx)
-            g = dx
-        return v.ginput
+        n = self._start_backward(grad_out)
+        want_input = input_grad and self._ginput is not None
+        plan = self._plan(n, param_grads=param_grads, input_grad=want_input, adam=False)
+        plan.start()
+        plan.work(True)
+        return self.views(n).ginput if want_input else None
+
+    def backward_and_update(self, grad_out: np.ndarray, lr: float, beta1: float, beta2: float,
+                            eps: float, *, parallel: bool = False):
+        """backward(grad_out) and then adam_update(...), as one pass.
+
+        Each layer's Adam step runs as soon as its gradients are final and
+        the backward no longer reads its weights. parallel=True shares the
+        work with a helper thread (BLAS is held to one thread meanwhile; see
+        mnistgan.parallel). The result is the same either way, bit for bit.
+        The input gradient is not computed.
+        """
+        n = self._start_backward(grad_out)
+        plan = self._plan(n, param_grads=True, input_grad=False, adam=True)
+        plan.start(lr=lr, beta1=beta1, beta2=beta2, eps=eps, step=self.adam_steps + 1)
+        self.adam_steps += 1
+        run_plan(plan, parallel)
 
     # -- optimizer ----------------------------------------------------------
 

@@ -1,0 +1,193 @@
+"""The backward plan and its helper thread: same numbers with or without the
+helper, a plan that refuses inconsistent buffers, and a helper that never
+outlives a plan's run."""
+import threading
+import time
+
+import numpy as np
+import pytest
+from threadpoolctl import threadpool_limits
+
+import mnistgan.gan as gan_module
+from mnistgan import GAN, Config, DenseStack
+from mnistgan import _kernels as K
+from mnistgan import parallel
+
+SMALL = dict(latent_dim=8, g_hidden=(32, 48), d_hidden=(40, 24), image_dim=30, batch_size=10)
+
+
+@pytest.fixture
+def helper_forced(monkeypatch):
+    """The GAN step asks for the helper although BLAS is held to one thread:
+    then every GEMM is one-threaded on both paths and results can be compared
+    bit for bit (BLAS's own threads may round differently)."""
+    monkeypatch.setattr(gan_module, "blas_threads", lambda: 2)
+    calls = []
+    real = parallel.run_plan
+
+    def counting(plan, use_helper):
+        calls.append(use_helper)
+        return real(plan, use_helper)
+
+    monkeypatch.setattr("mnistgan.network.run_plan", counting)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("config", [SMALL, {}], ids=["small", "reference"])
+def test_helper_thread_gives_the_same_bits(helper_forced, dtype, config):
+    rng = np.random.default_rng(0)
+    cfg = Config(**{**config, "dtype": dtype, "seed": 3})
+    images = rng.integers(0, 256, (200, cfg.image_dim), dtype=np.uint8)
+    alone, shared = GAN(cfg, parallel=False), GAN(cfg, parallel=True)
+    with threadpool_limits(limits=1, user_api="blas"):
+        for step in range(4):
+            idx = rng.integers(0, 200, cfg.batch_size)
+            a = alone.train_step(images, idx, 0.1)
+            b = shared.train_step(images, idx, 0.1)
+            assert a == b
+    assert helper_forced == [False, False, True, True] * 4
+    for key, value in alone.state().items():
+        assert np.array_equal(value, shared.state()[key]), key
+
+
+def test_fused_update_equals_backward_then_adam():
+    """backward_and_update is backward + adam_update, per layer, as one pass."""
+    rng = np.random.default_rng(1)
+
+    def net():
+        return DenseStack([6, 9, 7, 5], hidden_batchnorm=True, output="tanh", max_batch=8,
+                          dtype="float64", rng=np.random.default_rng(2))
+
+    a, b = net(), net()
+    x = rng.standard_normal((8, 6))
+    g = rng.standard_normal((8, 5))
+    for _ in range(3):
+        a.forward(x)
+        a.backward(g)
+        a.adam_update(0.01, 0.5, 0.9, 1e-8)
+        b.forward(x)
+        b.backward_and_update(g, 0.01, 0.5, 0.9, 1e-8)
+    assert a.adam_steps == b.adam_steps == 3
+    assert np.array_equal(a.flat_params, b.flat_params)
+    assert np.array_equal(a.adam_v, b.adam_v)
+
+
+def test_helper_is_used_only_with_two_blas_threads():
+    gan = GAN(Config(**SMALL), parallel=True)
+    images = np.zeros((50, 30), np.uint8)
+    idx = np.arange(10)
+    seen = []
+    real = parallel.run_plan
+    import mnistgan.network as network
+
+    def spy(plan, use_helper):
+        seen.append(use_helper)
+        return real(plan, use_helper)
+
+    network.run_plan = spy
+    try:
+        with threadpool_limits(limits=1, user_api="blas"):
+            gan.train_step(images, idx, 0.1)
+        with threadpool_limits(limits=2, user_api="blas"):
+            gan.train_step(images, idx, 0.1)
+            assert parallel.blas_threads() == 2  # put back after the shared backward
+    finally:
+        network.run_plan = real
+    assert seen == [False, False, True, True]
+
+
+# -- the plan's own checks ------------------------------------------------------------
+
+def _layers(n=4, dtype=np.float64, sizes=(3, 5, 2)):
+    """Buffers for a 2-layer relu -> linear stack, wired as the network wires them."""
+    z = lambda *s: np.zeros(s, dtype)  # noqa: E731
+    x = z(n, sizes[0])
+    h, gh = z(n, sizes[1]), z(n, sizes[1])
+    out, gout = z(n, sizes[2]), z(n, sizes[2])
+    flat = [z(sizes[0] * sizes[1] + sizes[1] + sizes[1] * sizes[2] + sizes[2]) for _ in range(4)]
+    p, g = flat[0], flat[1]
+    w0, b0 = p[:15].reshape(3, 5), p[15:20]
+    w1 = p[20:30].reshape(5, 2)
+    dw0, db0 = g[:15].reshape(3, 5), g[15:20]
+    dw1, db1 = g[20:30].reshape(5, 2), g[30:32]
+    layers = [dict(x=x, w=w0, y=h, gout=gh, gpre=gh, gx=None, act="relu", dw=dw0, db=db0, p_lo=0, p_size=20),
+              dict(x=h, w=w1, y=out, gout=gout, gpre=gout, gx=gh, act="linear", dw=dw1, db=db1,
+                   p_lo=20, p_size=12)]
+    return layers, flat
+
+
+def test_plan_accepts_consistent_buffers():
+    layers, flat = _layers()
+    plan = K.BackwardPlan(layers, param_grads=True, adam=flat)
+    assert plan.n == 4 and plan.n_tasks >= 4
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda L, f: L[0].update(act="tanh"), "'tanh' and 'linear' are for the last layer"),
+    (lambda L, f: L[1].update(act="sigmoid"), "layers\\[1\\]\\['act'\\] must be one of"),
+    (lambda L, f: L[1].update(gx=np.zeros((4, 5))), "layers\\[1\\]\\['gx'\\] must be layers\\[0\\]\\['gout'\\]"),
+    (lambda L, f: L[1].update(y=np.zeros((3, 2))), "layers\\[1\\]\\['y'\\] has shape \\(3, 2\\)"),
+    (lambda L, f: L[0].update(x=np.zeros((4, 3), np.float32)), "layers\\[0\\]\\['x'\\] has dtype float32"),
+    (lambda L, f: L[1].update(gpre=L[1]["gout"][:, :1].copy().reshape(4, 1)), "layers\\[1\\]\\['gpre'\\]"),
+    (lambda L, f: L[1].update(dw=L[1]["x"][:, :2].copy()), "layers\\[1\\]\\['dw'\\] has shape"),
+    (lambda L, f: L[1].update(p_lo=19), "'w' does not start the layer's slice"),
+    (lambda L, f: L[0].update(p_size=21), "overlap"),
+    (lambda L, f: L[1].update(p_size=40), "outside the 32 flat parameters"),
+    (lambda L, f: L[0].update(db=f[0][15:20]), "'db' is not inside the layer's slice of the flat gradients"),
+    (lambda L, f: L[0].update(dw=np.zeros((5, 3)).T), "must be C-contiguous"),
+])
+def test_plan_refuses_inconsistent_buffers(change, message):
+    layers, flat = _layers()
+    change(layers, flat)
+    with pytest.raises((ValueError, TypeError), match=message):
+        K.BackwardPlan(layers, param_grads=True, adam=flat)
+
+
+def test_plan_refuses_bad_adam_settings():
+    layers, flat = _layers()
+    plan = K.BackwardPlan(layers, param_grads=True, adam=flat)
+    for kwargs, message in [(dict(step=0), "step must be >= 1"), (dict(beta1=1.0), "beta1 must be in"),
+                            (dict(eps=0.0), "eps must be > 0"), (dict(lr=float("nan")), "lr must be >= 0")]:
+        with pytest.raises(ValueError, match=message):
+            plan.start(**{**dict(lr=0.1, beta1=0.5, beta2=0.9, eps=1e-8, step=1), **kwargs})
+
+
+def test_abort_releases_a_waiting_helper_without_touching_memory():
+    layers, flat = _layers()
+    flat[1][...] = 7.0  # gradients: a task that ran would overwrite them
+    plan = K.BackwardPlan(layers, param_grads=True, adam=flat)
+    plan.start(lr=0.1, beta1=0.5, beta2=0.9, eps=1e-8, step=1)
+    helper = threading.Thread(target=plan.work, args=(False,))
+    helper.start()
+    time.sleep(0.05)
+    assert helper.is_alive()  # waiting for a chain that never runs
+    plan.abort()
+    helper.join(timeout=10)
+    assert not helper.is_alive()
+    assert np.all(flat[1] == 7.0) and np.all(flat[0] == 0)
+
+
+def test_helper_finishes_before_an_interrupted_step_returns(monkeypatch):
+    """A KeyboardInterrupt while the helper works waits for the helper first."""
+    layers, flat = _layers(n=64, sizes=(3, 5, 2))
+    plan = K.BackwardPlan(layers, param_grads=True, adam=flat)
+    plan.start(lr=0.1, beta1=0.5, beta2=0.9, eps=1e-8, step=1)
+    original = plan.work
+    done = []
+
+    class Slow:
+        n_tasks = plan.n_tasks
+
+        def work(self, chain):
+            if chain:
+                raise KeyboardInterrupt  # as if Ctrl-C hit before the chain ran
+            original(False)
+            done.append(True)
+
+        def abort(self):
+            plan.abort()
+
+    with pytest.raises(KeyboardInterrupt):
+        parallel.run_plan(Slow(), True)
+    assert done == [True]  # run_plan returned only after the helper had
