@@ -205,39 +205,26 @@ def kernel_breakdown(cfg, images, threads, steps):
 
     spent = collections.defaultdict(float)
 
+    def timing(f, label):
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            r = f(*a, **k)
+            spent[label] += time.perf_counter() - t0
+            return r
+        return timed
+
     class Timed:
         def __getattr__(self, name):
-            f = getattr(K, name)
-
-            def timed(*a, **k):
-                t0 = time.perf_counter()
-                r = f(*a, **k)
-                spent[name] += time.perf_counter() - t0
-                return r
-            return timed
+            return timing(getattr(K, name), name)
 
     saved = net_mod.K, gan_mod.K
     net_mod.K = gan_mod.K = Timed()
     try:
         gan = GAN(cfg)
-        draw = gan._draw
-
-        def timed_draw(noise, std):
-            t0 = time.perf_counter()
-            draw(noise, std)
-            spent["random draws (numpy Generator)"] += time.perf_counter() - t0
-
-        gan._draw = timed_draw
+        gan._draw = timing(gan._draw, "random draws (numpy Generator)")
 
         def timed_method(obj, name, label):
-            f = getattr(obj, name)
-
-            def timed(*a, **k):
-                t0 = time.perf_counter()
-                r = f(*a, **k)
-                spent[label] += time.perf_counter() - t0
-                return r
-            setattr(obj, name, timed)
+            setattr(obj, name, timing(getattr(obj, name), label))
 
         # A backward pass and its Adam step run as one BackwardPlan (its GEMMs,
         # the batch-norm/ReLU/tanh backward and Adam, shared with a helper

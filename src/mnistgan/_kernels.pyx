@@ -770,6 +770,20 @@ cdef void adam_k(floating* p, floating* g, floating* m, floating* v, Py_ssize_t 
             p[i] -= step_size * mi / (sqrt(vi) / sqrt_bc2 + e)
 
 
+cdef int _check_adam(double lr, double beta1, double beta2, double eps, long step) except -1:
+    if step < 1:
+        raise ValueError(f"step must be >= 1, got {step}")
+    if not (lr >= 0):
+        raise ValueError(f"lr must be >= 0, got {lr}")
+    if not (0 <= beta1 < 1):
+        raise ValueError(f"beta1 must be in [0, 1), got {beta1}")
+    if not (0 <= beta2 < 1):
+        raise ValueError(f"beta2 must be in [0, 1), got {beta2}")
+    if not (eps > 0):
+        raise ValueError(f"eps must be > 0, got {eps}")
+    return 0
+
+
 def adam_step(param, grad, m, v, *, double lr, double beta1, double beta2,
               double eps, long step):
     """One Adam update of param, m and v in place, from grad.
@@ -790,16 +804,7 @@ def adam_step(param, grad, m, v, *, double lr, double beta1, double beta2,
     for i in range(4):
         for j in range(i + 1, 4):
             _disjoint(arrays[i][0], arrays[i][1], arrays[j][0], arrays[j][1])
-    if step < 1:
-        raise ValueError(f"step must be >= 1, got {step}")
-    if not (lr >= 0):
-        raise ValueError(f"lr must be >= 0, got {lr}")
-    if not (0 <= beta1 < 1):
-        raise ValueError(f"beta1 must be in [0, 1), got {beta1}")
-    if not (0 <= beta2 < 1):
-        raise ValueError(f"beta2 must be in [0, 1), got {beta2}")
-    if not (eps > 0):
-        raise ValueError(f"eps must be > 0, got {eps}")
+    _check_adam(lr, beta1, beta2, eps, step)
     cdef Py_ssize_t size = p.size
     if t == F32:
         with nogil:
@@ -1274,16 +1279,7 @@ cdef class BackwardPlan:
         """Reset the counters before a run (and set Adam's hyperparameters)."""
         cdef int i
         if self.adam:
-            if step < 1:
-                raise ValueError(f"step must be >= 1, got {step}")
-            if not (lr >= 0):
-                raise ValueError(f"lr must be >= 0, got {lr}")
-            if not (0 <= beta1 < 1):
-                raise ValueError(f"beta1 must be in [0, 1), got {beta1}")
-            if not (0 <= beta2 < 1):
-                raise ValueError(f"beta2 must be in [0, 1), got {beta2}")
-            if not (eps > 0):
-                raise ValueError(f"eps must be > 0, got {eps}")
+            _check_adam(lr, beta1, beta2, eps, step)
         self.s.lr, self.s.beta1, self.s.beta2, self.s.eps, self.s.step = lr, beta1, beta2, eps, step
         for i in range(self.s.n_layers):
             mg_store(&self.s.dw_done[i], 0)

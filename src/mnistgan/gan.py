@@ -6,10 +6,14 @@ One step (`train_step`):
      batch norm, so this equals two separate passes, and every activation of
      both halves is kept for the backward (no real-pass cache overwritten by
      the fake pass). Loss: mean BCE over the 2B rows, i.e.
-     (BCE(D(real), 1) + BCE(D(fake), 0)) / 2. Adam on D.
+     (BCE(D(real), 1) + BCE(D(fake), 0)) / 2. Adam on D, layer by layer
+     inside D's backward pass (one BackwardPlan; D's input gradient is not
+     needed and not computed).
   2. G update: fresh z, fake batch, D on it (B rows), non-saturating loss
      BCE(D(fake), 1). Only the input gradient flows back through D; D's
-     weight gradients are not computed. Adam on G.
+     weight gradients are not computed. Adam on G, inside G's backward.
+With two or more BLAS threads each backward is shared with a helper thread
+(mnistgan.parallel); the order of the arithmetic does not change.
 Instance noise: every image D sees gets std * N(0, 1) added (real and fake).
 
 Random draws, in this order per step: z for the D update (B, latent), noise
