@@ -111,6 +111,25 @@ class RefMLP:
             p -= lr * m_hat / (np.sqrt(v_hat) + eps)
 
 
+def box_muller(rng, shape, dtype):
+    """Standard normals as the package draws them (mnistgan._kernels.standard_normal),
+    computed in float64 with numpy's log, cos and sin from rng's raw 64-bit words."""
+    n = int(np.prod(shape))
+    pairs = (n + 1) // 2
+    if np.dtype(dtype) == np.float32:
+        raw = rng.bit_generator.random_raw(pairs)
+        u1 = ((raw & 0xFFFFFFFF) >> 9).astype(np.float64) + 0.5
+        u1 /= 2.0 ** 23
+        u2 = (raw >> 40).astype(np.float64) / 2.0 ** 24
+    else:
+        raw = rng.bit_generator.random_raw(2 * pairs).reshape(pairs, 2)
+        u1 = ((raw[:, 0] >> 12).astype(np.float64) + 0.5) / 2.0 ** 52
+        u2 = (raw[:, 1] >> 12).astype(np.float64) / 2.0 ** 52
+    rad = np.sqrt(-2 * np.log(u1))
+    z = np.stack([rad * np.cos(2 * np.pi * u2), rad * np.sin(2 * np.pi * u2)], axis=1).ravel()
+    return z[:n].reshape(shape).astype(dtype)
+
+
 def bce_mean(logits, target):
     """Mean BCE of sigmoid(logits) vs a constant target in [0, 1], and its gradient."""
     n = logits.size
@@ -181,13 +200,13 @@ class RefGAN:
         c = self.config
         B, dt = c.batch_size, self.dtype
         real = (images[idx].astype(np.float64) / 127.5 - 1).astype(dt)
-        z = self.rng.standard_normal((B, c.latent_dim), dtype=dt)
-        noise = (self.rng.standard_normal((2 * B, c.image_dim), dtype=dt) if std > 0
+        z = box_muller(self.rng, (B, c.latent_dim), dt)
+        noise = (box_muller(self.rng, (2 * B, c.image_dim), dt) if std > 0
                  else np.zeros((2 * B, c.image_dim), dt))
         d_loss, grads, d_real, d_fake = self.d_loss_and_grads(real, z, noise, std)
         self.D.adam(grads, c.lr, c.beta1, c.beta2, c.adam_eps)
-        z = self.rng.standard_normal((B, c.latent_dim), dtype=dt)
-        noise = (self.rng.standard_normal((B, c.image_dim), dtype=dt) if std > 0
+        z = box_muller(self.rng, (B, c.latent_dim), dt)
+        noise = (box_muller(self.rng, (B, c.image_dim), dt) if std > 0
                  else np.zeros((B, c.image_dim), dt))
         g_loss, grads = self.g_loss_and_grads(z, noise, std)
         self.G.adam(grads, c.lr, c.beta1, c.beta2, c.adam_eps)

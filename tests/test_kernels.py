@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from mnistgan import _kernels as K
+from numpy_reference import box_muller
 
 DTYPES = [np.float32, np.float64]
 # (rows, d_in, d_out): a batch of 1, non-square layers, the real sizes.
@@ -279,6 +280,58 @@ def test_add_noise(rng, dtype):
     np.testing.assert_array_equal(x, out)
     K.add_noise(x, noise, 0.0, out)
     np.testing.assert_array_equal(out, x)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(0,), (1,), (3,), (7, 11), (2, 3, 5), (1000, 1000)])
+def test_standard_normal_matches_numpy_box_muller(dtype, shape):
+    mine, twin = np.random.default_rng(7), np.random.default_rng(7)
+    out = np.full(shape, np.nan, dtype)
+    assert K.standard_normal(mine, out) is out
+    want = box_muller(twin, shape, dtype)
+    # float32: a few ulps of |z| <= 5.8 (polynomial log, sin, cos in float32).
+    np.testing.assert_allclose(out, want, **(dict(rtol=2e-6, atol=2e-6) if dtype == np.float32
+                                             else dict(rtol=1e-13, atol=1e-14)))
+    # Both consumed the same words: the streams stay in step.
+    assert mine.bit_generator.state == twin.bit_generator.state
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_standard_normal_is_standard_normal(dtype):
+    from scipy import stats
+    z = np.empty(1_000_000, dtype)
+    K.standard_normal(np.random.default_rng(2024), z)
+    z = z.astype(np.float64)
+    n = z.size
+    assert abs(z.mean()) < 5 / np.sqrt(n)
+    assert abs(z.var() - 1) < 5 * np.sqrt(2 / n)
+    assert abs(stats.kurtosis(z)) < 5 * np.sqrt(24 / n)
+    assert stats.kstest(z, "norm").pvalue > 1e-4
+    # Tails: P(|z| > 3) = 0.0027; the float32 cut at |z| <= 5.77.
+    tail = np.mean(np.abs(z) > 3)
+    assert abs(tail - 0.0026998) < 5 * np.sqrt(0.0027 / n)
+    assert np.abs(z).max() <= (5.78 if dtype == np.float32 else 8.6)
+    # Pairs are independent: neighbours uncorrelated.
+    assert abs(np.corrcoef(z[0::2], z[1::2])[0, 1]) < 5 / np.sqrt(n / 2)
+
+
+def test_standard_normal_seeded_and_checked():
+    a, b, c = (np.empty(99, np.float32) for _ in range(3))
+    K.standard_normal(np.random.default_rng(1), a)
+    K.standard_normal(np.random.default_rng(1).bit_generator, b)  # a BitGenerator works too
+    K.standard_normal(np.random.default_rng(2), c)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    with pytest.raises(TypeError, match="rng must be a numpy.random.Generator"):
+        K.standard_normal(np.random.RandomState(0), a)
+    with pytest.raises(TypeError, match="out must have dtype float32 or float64"):
+        K.standard_normal(np.random.default_rng(0), np.empty(4, np.int64))
+    with pytest.raises(ValueError, match="out must be C-contiguous"):
+        K.standard_normal(np.random.default_rng(0), np.empty((4, 4), np.float32).T)
+    ro = np.empty(4, np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="out is an output and must be writeable"):
+        K.standard_normal(np.random.default_rng(0), ro)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

