@@ -11,7 +11,7 @@ What it measures, all in one process run:
      PyTorch eager (same model, same initial weights, same batch), at 1 and
      2 BLAS/intra-op threads, float32 and float64. The configurations run in
      short blocks, round-robin, so drift on a shared machine hits all alike.
-  2. The GEMM-only time of the step (its 43 GEMMs, same shapes, same BLAS)
+  2. The GEMM-only time of the step (its 38 GEMMs, same shapes, same BLAS)
      and where the rest of mnistgan's step goes, kernel by kernel.
   3. Images per second of mnistgan at batch 50, 100, 256 and 1024.
   4. Peak memory (max RSS) of each implementation, each in a fresh process.

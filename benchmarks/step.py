@@ -4,7 +4,7 @@
 
 Every configuration runs in short blocks, interleaved round-robin, so drift
 on a shared machine hits all of them alike. Also timed: the bare sequence of
-the step's 43 GEMMs (the same shapes, through the same BLAS), which is what a
+the step's 38 GEMMs (the same shapes, through the same BLAS), which is what a
 step would cost if everything around the GEMMs were free.
 """
 from __future__ import annotations
@@ -36,13 +36,12 @@ def step_gemms(cfg: Config):
     dl = list(zip(d[:-1], d[1:]))
     out = []
     fwd = lambda layers, n: [(n, o, i, False, False) for i, o in layers]  # noqa: E731
-    out += fwd(gl, B)                                                      # G forward (D update)
+    out += fwd(gl, 2 * B)                                                  # G forward, both fake batches
     out += fwd(dl, 2 * B)                                                  # D forward, 2B rows
     for j, (i, o) in reversed(list(enumerate(dl))):                        # D backward
         out.append((i, o, 2 * B, True, False))
         if j > 0:
             out.append((2 * B, i, o, False, True))
-    out += fwd(gl, B)                                                      # G forward (G update)
     out += fwd(dl, B)                                                      # D forward, B rows
     out += [(B, i, o, False, True) for i, o in reversed(dl)]              # D backward, dX only
     for j, (i, o) in reversed(list(enumerate(gl))):                        # G backward

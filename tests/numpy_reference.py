@@ -139,11 +139,17 @@ def bce_mean(logits, target):
 
 
 class RefGAN:
-    """The whole GAN step in NumPy, started from a package GAN's parameters."""
+    """The whole GAN step in NumPy, started from a package GAN's parameters.
 
-    def __init__(self, gan, seed):
+    compute_dtype: the precision of the arithmetic (default: the config's
+    dtype). float64 for a float32 config gives the exact answer to the
+    float32 step's question: the same float32 draws and data, upcast.
+    """
+
+    def __init__(self, gan, seed, compute_dtype=None):
         c = self.config = gan.config
-        self.dtype = np.dtype(c.dtype)
+        self.dtype = np.dtype(c.dtype)                     # of the draws
+        self.compute = np.dtype(compute_dtype or c.dtype)  # of the math
         G, D = gan.G, gan.D
         nG = len(G.sizes) - 1
         self.G = RefMLP([G.params[f"dense{i}.weight"] for i in range(nG)],
@@ -156,6 +162,9 @@ class RefGAN:
         nD = len(D.sizes) - 1
         self.D = RefMLP([D.params[f"dense{i}.weight"] for i in range(nD)],
                         [D.params[f"dense{i}.bias"] for i in range(nD)], output="linear")
+        for net in (self.G, self.D):
+            for arrays in (net.W, net.b, net.gamma, net.beta, net.rm, net.rv):
+                arrays[:] = [a.astype(self.compute) for a in arrays]
         self.rng = np.random.default_rng(seed)
 
     def sync_from(self, gan):
@@ -164,13 +173,13 @@ class RefGAN:
         for net, ref in ((gan.G, self.G), (gan.D, self.D)):
             for name, p in ref.params().items():
                 p[...] = net.params[name]
-                offset = (net.params[name].ctypes.data - net.flat_params.ctypes.data) // p.itemsize
-                ref.m[name] = net.adam_m[offset:offset + p.size].reshape(p.shape).copy()
-                ref.v[name] = net.adam_v[offset:offset + p.size].reshape(p.shape).copy()
+                offset = (net.params[name].ctypes.data - net.flat_params.ctypes.data) // net.flat_params.itemsize
+                ref.m[name] = net.adam_m[offset:offset + p.size].reshape(p.shape).astype(self.compute)
+                ref.v[name] = net.adam_v[offset:offset + p.size].reshape(p.shape).astype(self.compute)
             ref.t = net.adam_steps
         for i in range(len(self.G.rm)):
-            self.G.rm[i] = gan.G.running_mean[i].copy()
-            self.G.rv[i] = gan.G.running_var[i].copy()
+            self.G.rm[i] = gan.G.running_mean[i].astype(self.compute)
+            self.G.rv[i] = gan.G.running_var[i].astype(self.compute)
         self.rng.bit_generator.state = gan.rng.bit_generator.state
 
     def d_loss_and_grads(self, real, z, noise, std):
@@ -199,15 +208,12 @@ class RefGAN:
     def step(self, images, idx, std):
         c = self.config
         B, dt = c.batch_size, self.dtype
-        real = (images[idx].astype(np.float64) / 127.5 - 1).astype(dt)
-        z = box_muller(self.rng, (B, c.latent_dim), dt)
-        noise = (box_muller(self.rng, (2 * B, c.image_dim), dt) if std > 0
-                 else np.zeros((2 * B, c.image_dim), dt))
-        d_loss, grads, d_real, d_fake = self.d_loss_and_grads(real, z, noise, std)
+        real = (images[idx].astype(np.float64) / 127.5 - 1).astype(dt).astype(self.compute)
+        z = box_muller(self.rng, (2 * B, c.latent_dim), dt).astype(self.compute)
+        noise = (box_muller(self.rng, (3 * B, c.image_dim), dt) if std > 0
+                 else np.zeros((3 * B, c.image_dim), dt)).astype(self.compute)
+        d_loss, grads, d_real, d_fake = self.d_loss_and_grads(real, z[:B], noise[:2 * B], std)
         self.D.adam(grads, c.lr, c.beta1, c.beta2, c.adam_eps)
-        z = box_muller(self.rng, (B, c.latent_dim), dt)
-        noise = (box_muller(self.rng, (B, c.image_dim), dt) if std > 0
-                 else np.zeros((B, c.image_dim), dt))
-        g_loss, grads = self.g_loss_and_grads(z, noise, std)
+        g_loss, grads = self.g_loss_and_grads(z[B:], noise[2 * B:], std)
         self.G.adam(grads, c.lr, c.beta1, c.beta2, c.adam_eps)
         return d_loss, g_loss, d_real, d_fake

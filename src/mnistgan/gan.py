@@ -1,24 +1,31 @@
 """The GAN: a generator, a discriminator, and one training step.
 
 One step (`train_step`):
-  1. D update: a real batch (gathered from uint8 images) and a fake batch
-     from fresh z go through D as ONE batch of 2B rows (real first). D has no
+  0. G makes both fake batches of the step at once: 2B rows of z, batch norm
+     statistics per half (exactly two forwards of B rows: G's parameters do
+     not change in the D update, and its running statistics move half after
+     half), so the GEMMs have 2B rows. The first half feeds the D update, the
+     second the G update.
+  1. D update: a real batch (gathered from uint8 images) and the first fake
+     batch go through D as ONE batch of 2B rows (real first). D has no
      batch norm, so this equals two separate passes, and every activation of
      both halves is kept for the backward (no real-pass cache overwritten by
      the fake pass). Loss: mean BCE over the 2B rows, i.e.
      (BCE(D(real), 1) + BCE(D(fake), 0)) / 2. Adam on D, layer by layer
      inside D's backward pass (one BackwardPlan; D's input gradient is not
      needed and not computed).
-  2. G update: fresh z, fake batch, D on it (B rows), non-saturating loss
+  2. G update: the second fake batch, D on it (B rows), non-saturating loss
      BCE(D(fake), 1). Only the input gradient flows back through D; D's
-     weight gradients are not computed. Adam on G, inside G's backward.
+     weight gradients are not computed. G backpropagates the second half of
+     its forward only. Adam on G, inside G's backward.
 With two or more BLAS threads each backward is shared with a helper thread
 (mnistgan.parallel); the order of the arithmetic does not change.
 Instance noise: every image D sees gets std * N(0, 1) added (real and fake).
 
-Random draws, in this order per step: z for the D update (B, latent), noise
-for it (2B, image_dim) if std > 0, z for the G update, noise (B, image_dim)
-if std > 0. All from the one seeded Generator, in the model's dtype, by the
+Random draws, in this order per step: z (2B, latent: rows for the D update,
+then for the G update), then if std > 0 the noise (3B, image_dim: real and
+fake rows of the D update, then the G update's fake rows). All from the one
+seeded Generator, in the model's dtype, by the
 Box-Muller kernel (_kernels.standard_normal: 5x faster than numpy's own
 normals in float32, and a stream of its own).
 """
@@ -52,14 +59,15 @@ class GAN:
         B = c.batch_size
         common = dict(dtype=self.dtype, rng=self.rng, bn_momentum=c.bn_momentum, bn_eps=c.bn_eps)
         self.G = DenseStack([c.latent_dim, *c.g_hidden, c.image_dim], hidden_batchnorm=True,
-                            output="tanh", max_batch=B, name="generator", **common)
+                            output="tanh", max_batch=2 * B, bn_groups=2, name="generator", **common)
         self.D = DenseStack([c.image_dim, *c.d_hidden, 1], hidden_batchnorm=False,
                             output="linear", max_batch=2 * B, input_grad=True,
                             name="discriminator", **common)
         dt = self.dtype
-        self.z = np.zeros((B, c.latent_dim), dt)
+        self.z = np.zeros((2 * B, c.latent_dim), dt)         # D update's rows, then G update's
         self.d_input = np.zeros((2 * B, c.image_dim), dt)   # real rows, then fake rows
-        self.noise = np.zeros((2 * B, c.image_dim), dt)
+        self.g_input = np.zeros((B, c.image_dim), dt)       # the G update's noisy fakes
+        self.noise = np.zeros((3 * B, c.image_dim), dt)     # real, fake (D update), fake (G update)
         self.d_targets = np.zeros((2 * B, 1), dt)
         self.d_targets[:B] = 1 - c.label_smoothing
         self.g_targets = np.ones((B, 1), dt)
@@ -67,8 +75,12 @@ class GAN:
         # Views used every step, cut once.
         self._real = self.d_input[:B]
         self._fake = self.d_input[B:]
+        self._z_d = self.z[:B]
+        self._z_g = self.z[B:]
+        self._noise_d = self.noise[:2 * B]
         self._noise_real = self.noise[:B]
-        self._noise_fake = self.noise[B:]
+        self._noise_fake = self.noise[B:2 * B]
+        self._noise_g = self.noise[2 * B:]
         self._probs_real = self.probs[:B]
         self._probs_fake = self.probs[B:]
         self._probs_g = self.probs[:B]
@@ -85,27 +97,26 @@ class GAN:
 
     # -- the two halves of a step, on the step buffers -----------------------
 
-    def _draw(self, noise: np.ndarray, std: float):
+    def _draw(self, std: float):
         K.standard_normal(self.rng, self.z)
         if std > 0:
-            K.standard_normal(self.rng, noise)
+            K.standard_normal(self.rng, self.noise)
         else:
-            noise[...] = 0
+            self.noise[...] = 0
 
-    def _discriminator_loss(self, std: float) -> tuple[float, float, float]:
-        """D loss, its gradient in _d_grad_out, from the real rows of d_input, z and noise."""
-        fake = self.G.forward(self.z, train=True)
+    def _discriminator_loss(self, fake: np.ndarray, std: float) -> tuple[float, float, float]:
+        """D loss, its gradient in _d_grad_out, from the real rows of d_input,
+        the fake batch (B, image_dim) and the first 2B rows of noise."""
         K.add_noise(self._real, self._noise_real, std, self._real)
         K.add_noise(fake, self._noise_fake, std, self._fake)
         logits = self.D.forward(self.d_input)
         loss = K.sigmoid_bce(logits, self.d_targets, self.probs, self._d_grad_out)
         return loss, float(self._probs_real.mean()), float(self._probs_fake.mean())
 
-    def _generator_loss(self, std: float) -> tuple[float, np.ndarray]:
-        """G loss and its gradient w.r.t. the fake batch, from z and the first B rows of noise."""
-        fake = self.G.forward(self.z, train=True)
-        K.add_noise(fake, self._noise_real, std, self._real)
-        logits = self.D.forward(self._real)
+    def _generator_loss(self, fake: np.ndarray, std: float) -> tuple[float, np.ndarray]:
+        """G loss and its gradient w.r.t. the fake batch (B, image_dim), with the last B rows of noise."""
+        K.add_noise(fake, self._noise_g, std, self.g_input)
+        logits = self.D.forward(self.g_input)
         loss = K.sigmoid_bce(logits, self.g_targets, self._probs_g, self._g_grad_out)
         # Noise is additive, so d loss / d fake = d loss / d (fake + noise).
         d_fake = self.D.backward(self._g_grad_out, param_grads=False)
@@ -123,13 +134,15 @@ class GAN:
         if getattr(idx, "shape", None) != (c.batch_size,):
             raise ValueError(f"idx has shape {getattr(idx, 'shape', None)}, expected ({c.batch_size},)")
         parallel = self.parallel and blas_threads() >= 2
+        B = c.batch_size
         K.gather_batch(images, idx, self._real)
-        self._draw(self.noise, noise_std)
-        d_loss, d_real, d_fake = self._discriminator_loss(noise_std)
+        self._draw(noise_std)
+        fakes = self.G.forward(self.z, train=True, groups=2)
+        d_loss, d_real, d_fake = self._discriminator_loss(fakes[:B], noise_std)
         self.D.backward_and_update(self._d_grad_out, c.lr, c.beta1, c.beta2, c.adam_eps, parallel=parallel)
-        self._draw(self._noise_real, noise_std)
-        g_loss, grad_fake = self._generator_loss(noise_std)
-        self.G.backward_and_update(grad_fake, c.lr, c.beta1, c.beta2, c.adam_eps, parallel=parallel)
+        g_loss, grad_fake = self._generator_loss(fakes[B:], noise_std)
+        self.G.backward_and_update(grad_fake, c.lr, c.beta1, c.beta2, c.adam_eps, parallel=parallel,
+                                   group=1)
         self.steps += 1
         return StepStats(d_loss, g_loss, d_real, d_fake)
 
@@ -140,17 +153,17 @@ class GAN:
         noise: (2B, image_dim) standard normal draws. For tests and tools.
         """
         self._real[...] = real
-        self.z[...] = z
-        self.noise[...] = noise
-        loss = self._discriminator_loss(noise_std)[0]
+        self._z_d[...] = z
+        self._noise_d[...] = noise
+        loss = self._discriminator_loss(self.G.forward(self._z_d, train=True), noise_std)[0]
         self.D.backward(self._d_grad_out, param_grads=True, input_grad=False)
         return loss
 
     def generator_gradients(self, z, noise, noise_std: float) -> float:
         """G loss for given z (B, latent_dim), noise (B, image_dim); gradients in G.grads."""
-        self.z[...] = z
-        self._noise_real[...] = noise
-        loss, grad_fake = self._generator_loss(noise_std)
+        self._z_g[...] = z
+        self._noise_g[...] = noise
+        loss, grad_fake = self._generator_loss(self.G.forward(self._z_g, train=True), noise_std)
         self.G.backward(grad_fake, param_grads=True)
         return loss
 

@@ -26,15 +26,15 @@ OUTPUTS = ("tanh", "linear")
 
 
 class _Views:
-    """The activation and gradient buffers cut to n rows (views, made once)."""
+    """The activation and gradient buffers cut to rows start..stop-1 (views, made once)."""
 
-    def __init__(self, stack: "DenseStack", n: int):
-        self.n = n
-        self.pre = [a[:n] for a in stack._pre]
-        self.post = [a[:n] for a in stack._post]
-        self.gpre = [a[:n] for a in stack._gpre]
-        self.gpost = [a[:n] for a in stack._gpost]
-        self.ginput = stack._ginput[:n] if stack._ginput is not None else None
+    def __init__(self, stack: "DenseStack", start: int, stop: int):
+        self.n = stop - start
+        self.pre = [a[start:stop] for a in stack._pre]
+        self.post = [a[start:stop] for a in stack._post]
+        self.gpre = [a[start:stop] for a in stack._gpre]
+        self.gpost = [a[start:stop] for a in stack._gpost]
+        self.ginput = stack._ginput[start:stop] if stack._ginput is not None else None
 
 
 class DenseStack:
@@ -46,13 +46,16 @@ class DenseStack:
     max_batch: the largest number of rows a forward pass may take.
     input_grad: allocate a buffer for the gradient w.r.t. the input
         (a discriminator needs it to pass gradients to the generator).
+    bn_groups: the most groups a training forward may split its rows into,
+        each normalised with its own batch statistics (see forward).
     rng: numpy Generator used for the initialisation (PyTorch's nn.Linear
         default: weight and bias uniform in +-1/sqrt(fan_in)).
     """
 
     def __init__(self, sizes, *, hidden_batchnorm: bool, output: str, max_batch: int,
                  dtype="float32", rng: np.random.Generator, input_grad: bool = False,
-                 bn_momentum: float = 0.1, bn_eps: float = 1e-5, name: str = "net"):
+                 bn_momentum: float = 0.1, bn_eps: float = 1e-5, bn_groups: int = 1,
+                 name: str = "net"):
         sizes = [int(s) for s in sizes]
         if len(sizes) < 2 or min(sizes) < 1:
             raise ValueError(f"sizes must list at least 2 positive widths, got {sizes}")
@@ -60,6 +63,9 @@ class DenseStack:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if bn_groups < 1:
+            raise ValueError(f"bn_groups must be >= 1, got {bn_groups}")
+        self.bn_groups = int(bn_groups)
         self.name = name
         self.sizes = sizes
         self.dtype = np.dtype(dtype)
@@ -76,10 +82,11 @@ class DenseStack:
         self._allocate_parameters()
         self._init_parameters(rng)
         self._allocate_activations(input_grad)
-        self._views: dict[int, _Views] = {}
+        self._views: dict[tuple, _Views] = {}
         self._plans: dict[tuple, tuple] = {}
         self._last_input = None
         self._last_n = 0
+        self._last_groups = 1
         self._last_train = False
 
     # -- allocation ---------------------------------------------------------
@@ -139,9 +146,10 @@ class DenseStack:
         self.dbeta = [self.grads[f"bn{i}.bias"] for i in range(n_bn)]
         self.running_mean = [self.buffers[f"bn{i}.running_mean"] for i in range(n_bn)]
         self.running_var = [self.buffers[f"bn{i}.running_var"] for i in range(n_bn)]
-        # Batch statistics of the last training forward, for the backward.
-        self._batch_mean = [np.zeros(d, self.dtype) for d in bn_sizes]
-        self._batch_invstd = [np.zeros(d, self.dtype) for d in bn_sizes]
+        # Batch statistics of the last training forward, one row per group,
+        # for the backward.
+        self._batch_mean = [np.zeros((self.bn_groups, d), self.dtype) for d in bn_sizes]
+        self._batch_invstd = [np.zeros((self.bn_groups, d), self.dtype) for d in bn_sizes]
 
     def _init_parameters(self, rng: np.random.Generator):
         """PyTorch nn.Linear default; batch norm gamma 1, beta 0, var 1."""
@@ -171,31 +179,40 @@ class DenseStack:
             self._gpost[last] = np.zeros((B, outs[last]), self.dtype)
         self._ginput = np.zeros((B, self.sizes[0]), self.dtype) if input_grad else None
 
-    def views(self, n: int) -> _Views:
-        """Buffers cut to n rows; made on first use of each n, then reused."""
-        v = self._views.get(n)
+    def views(self, n: int, start: int = 0) -> _Views:
+        """Buffers cut to rows start..start+n-1; made on first use, then reused."""
+        v = self._views.get((start, n))
         if v is None:
-            if not 1 <= n <= self.max_batch:
+            if not 1 <= n <= self.max_batch - start:
                 raise ValueError(f"{self.name}: batch of {n} rows, allowed 1..{self.max_batch}")
-            v = self._views[n] = _Views(self, n)
+            v = self._views[(start, n)] = _Views(self, start, start + n)
         return v
 
     # -- forward and backward ----------------------------------------------
 
-    def forward(self, x: np.ndarray, *, train: bool = True, update_running: bool = True):
+    def forward(self, x: np.ndarray, *, train: bool = True, update_running: bool = True,
+                groups: int = 1):
         """Run the network on x (n, sizes[0]); returns the output view (n, sizes[-1]).
 
         train=True uses batch statistics in batch norm (and, with
         update_running, moves the running statistics); train=False uses the
-        running statistics. The returned array is an internal buffer,
+        running statistics. groups=k (training only) splits the rows into k
+        equal groups normalised each with its own statistics, the running
+        statistics moved group after group: exactly k forwards of n/k rows,
+        with larger GEMMs. The returned array is an internal buffer,
         overwritten by the next forward.
         """
         n = x.shape[0] if x.ndim == 2 else -1
         v = self.views(n) if n >= 1 else None
         if v is None or x.shape[1:] != (self.sizes[0],):
             raise ValueError(f"{self.name}: input has shape {x.shape}, expected (n, {self.sizes[0]})")
-        if train and self.hidden_batchnorm and n < 2:
-            raise ValueError(f"{self.name}: batch norm in training mode needs at least 2 rows, got {n}")
+        if not 1 <= groups <= self.bn_groups or n % groups:
+            raise ValueError(f"{self.name}: groups={groups} must divide the {n} rows and be "
+                             f"at most bn_groups={self.bn_groups}")
+        if train and self.hidden_batchnorm and n // groups < 2:
+            raise ValueError(f"{self.name}: batch norm in training mode needs at least 2 rows "
+                             f"per group, got {n // groups}")
+        m = n // groups
         last = self.n_layers - 1
         a = x
         for i in range(self.n_layers):
@@ -205,11 +222,13 @@ class DenseStack:
                 K.relu_forward(h, h)
                 if self.hidden_batchnorm:
                     if train:
-                        K.batchnorm_forward(h, self.gamma[i], self.beta[i], self.running_mean[i],
-                                            self.running_var[i], self._batch_mean[i],
-                                            self._batch_invstd[i], v.post[i],
-                                            momentum=self.bn_momentum, eps=self.bn_eps,
-                                            update_running=update_running)
+                        for g in range(groups):
+                            K.batchnorm_forward(h[g * m:(g + 1) * m], self.gamma[i], self.beta[i],
+                                                self.running_mean[i], self.running_var[i],
+                                                self._batch_mean[i][g], self._batch_invstd[i][g],
+                                                v.post[i][g * m:(g + 1) * m],
+                                                momentum=self.bn_momentum, eps=self.bn_eps,
+                                                update_running=update_running)
                     else:
                         K.batchnorm_eval(h, self.gamma[i], self.beta[i], self.running_mean[i],
                                          self.running_var[i], v.post[i], eps=self.bn_eps)
@@ -218,6 +237,7 @@ class DenseStack:
                 K.tanh_forward(h, h)
         self._last_input = x
         self._last_n = n
+        self._last_groups = groups
         self._last_train = train
         return v.pre[last]
 
@@ -225,15 +245,19 @@ class DenseStack:
         """The buffer (n, sizes[-1]) in which to write dLoss/dOutput before backward."""
         return self.views(n).gpost[self.n_layers - 1]
 
-    def _plan(self, n: int, *, param_grads: bool, input_grad: bool, adam: bool) -> K.BackwardPlan:
-        """The backward plan for n rows, made on first use and kept while the
-        forward's input stays the same array (the GAN's buffers always do)."""
-        x = self._last_input
-        key = (n, param_grads, input_grad, adam)
+    def _plan(self, n: int, group: int, *, param_grads: bool, input_grad: bool,
+              adam: bool) -> K.BackwardPlan:
+        """The backward plan for the n rows of one group of the last forward,
+        made on first use and kept while the forward's input stays the same
+        array (the GAN's buffers always do)."""
+        x_all = self._last_input
+        key = (n, group, param_grads, input_grad, adam)
         hit = self._plans.get(key)
-        if hit is not None and hit[0] is x:
+        if hit is not None and hit[0] is x_all:
             return hit[1]
-        v = self.views(n)
+        start = group * n
+        v = self.views(n, start)
+        x = x_all[start:start + n]
         last = self.n_layers - 1
         layers = []
         for i in range(self.n_layers):
@@ -246,47 +270,53 @@ class DenseStack:
                         gx=v.gpost[i - 1] if i > 0 else (v.ginput if input_grad else None),
                         p_lo=self._layer_slices[i][0], p_size=self._layer_slices[i][1])
             if act == "relu_bn":
-                spec.update(mean=self._batch_mean[i], invstd=self._batch_invstd[i], gamma=self.gamma[i],
-                            dgamma=self.dgamma[i], dbeta=self.dbeta[i])
+                spec.update(mean=self._batch_mean[i][group], invstd=self._batch_invstd[i][group],
+                            gamma=self.gamma[i], dgamma=self.dgamma[i], dbeta=self.dbeta[i])
             layers.append(spec)
         plan = K.BackwardPlan(layers, param_grads=param_grads,
                               adam=(self.flat_params, self.flat_grads, self.adam_m, self.adam_v) if adam else None)
-        self._plans[key] = (x, plan)
+        self._plans[key] = (x_all, plan)
         return plan
 
-    def _start_backward(self, grad_out: np.ndarray) -> int:
-        n = self._last_n
-        if n == 0 or self._last_input is None:
+    def _start_backward(self, grad_out: np.ndarray, group: int) -> tuple[int, int]:
+        """(rows, start row) of the group to backpropagate, grad_out in its buffer."""
+        if self._last_n == 0 or self._last_input is None:
             raise RuntimeError(f"{self.name}: backward called before forward")
         if self.hidden_batchnorm and not self._last_train:
             raise RuntimeError(f"{self.name}: backward needs a forward with train=True")
-        gout = self.views(n).gpost[self.n_layers - 1]
+        if not 0 <= group < self._last_groups:
+            raise ValueError(f"{self.name}: group {group} of a forward in {self._last_groups} group(s)")
+        n = self._last_n // self._last_groups
+        gout = self.views(n, group * n).gpost[self.n_layers - 1]
         if grad_out is not gout:
             if getattr(grad_out, "shape", None) != gout.shape:
                 raise ValueError(f"{self.name}: grad_out has shape {getattr(grad_out, 'shape', None)}, "
                                  f"expected {gout.shape}")
             np.copyto(gout, grad_out)
-        return n
+        return n, group * n
 
-    def backward(self, grad_out: np.ndarray, *, param_grads: bool = True, input_grad: bool = True):
+    def backward(self, grad_out: np.ndarray, *, param_grads: bool = True, input_grad: bool = True,
+                 group: int = 0):
         """Backpropagate grad_out (n, sizes[-1]) through the last forward pass.
 
         param_grads=True writes every parameter gradient into `grads`
         (overwriting, not accumulating). param_grads=False computes only what
         the input gradient needs (the gradients in `grads` are then stale).
+        After a forward in groups, `group` picks the rows to backpropagate
+        (n = rows per group); the other groups take no part.
         Returns the input gradient (n, sizes[0]) if the network has an input
         gradient buffer and input_grad is set, else None.
         """
-        n = self._start_backward(grad_out)
+        n, start = self._start_backward(grad_out, group)
         want_input = input_grad and self._ginput is not None
-        plan = self._plan(n, param_grads=param_grads, input_grad=want_input, adam=False)
+        plan = self._plan(n, group, param_grads=param_grads, input_grad=want_input, adam=False)
         plan.start()
         plan.work(True)
-        return self.views(n).ginput if want_input else None
+        return self.views(n, start).ginput if want_input else None
 
     def backward_and_update(self, grad_out: np.ndarray, lr: float, beta1: float, beta2: float,
-                            eps: float, *, parallel: bool = False):
-        """backward(grad_out) and then adam_update(...), as one pass.
+                            eps: float, *, parallel: bool = False, group: int = 0):
+        """backward(grad_out, group=group) and then adam_update(...), as one pass.
 
         Each layer's Adam step runs as soon as its gradients are final and
         the backward no longer reads its weights. parallel=True shares the
@@ -294,8 +324,8 @@ class DenseStack:
         mnistgan.parallel). The result is the same either way, bit for bit.
         The input gradient is not computed.
         """
-        n = self._start_backward(grad_out)
-        plan = self._plan(n, param_grads=True, input_grad=False, adam=True)
+        n, _ = self._start_backward(grad_out, group)
+        plan = self._plan(n, group, param_grads=True, input_grad=False, adam=True)
         plan.start(lr=lr, beta1=beta1, beta2=beta2, eps=eps, step=self.adam_steps + 1)
         self.adam_steps += 1
         run_plan(plan, parallel)
