@@ -84,6 +84,7 @@ class DenseStack:
         self._allocate_activations(input_grad)
         self._views: dict[tuple, _Views] = {}
         self._plans: dict[tuple, tuple] = {}
+        self._cuts: dict[tuple, list] = {}
         self._last_input = None
         self._last_n = 0
         self._last_groups = 1
@@ -188,6 +189,20 @@ class DenseStack:
             v = self._views[(start, n)] = _Views(self, start, start + n)
         return v
 
+    def _group_cuts(self, n: int, groups: int) -> list:
+        """Per hidden layer, per group of a forward of n rows in `groups`
+        groups: (dense output, batch-norm output, batch mean, batch invstd)
+        views. Cut on first use, then reused, so a step allocates nothing."""
+        key = (n, groups)
+        cuts = self._cuts.get(key)
+        if cuts is None:
+            v, m = self.views(n), n // groups
+            cuts = self._cuts[key] = [
+                [(v.pre[i][g * m:(g + 1) * m], v.post[i][g * m:(g + 1) * m],
+                  self._batch_mean[i][g], self._batch_invstd[i][g]) for g in range(groups)]
+                for i in range(self.n_layers - 1)]
+        return cuts
+
     # -- forward and backward ----------------------------------------------
 
     def forward(self, x: np.ndarray, *, train: bool = True, update_running: bool = True,
@@ -212,7 +227,7 @@ class DenseStack:
         if train and self.hidden_batchnorm and n // groups < 2:
             raise ValueError(f"{self.name}: batch norm in training mode needs at least 2 rows "
                              f"per group, got {n // groups}")
-        m = n // groups
+        cuts = self._group_cuts(n, groups) if train and self.hidden_batchnorm else None
         last = self.n_layers - 1
         a = x
         for i in range(self.n_layers):
@@ -222,11 +237,10 @@ class DenseStack:
                 K.relu_forward(h, h)
                 if self.hidden_batchnorm:
                     if train:
-                        for g in range(groups):
-                            K.batchnorm_forward(h[g * m:(g + 1) * m], self.gamma[i], self.beta[i],
+                        for h_g, post_g, mean_g, invstd_g in cuts[i]:
+                            K.batchnorm_forward(h_g, self.gamma[i], self.beta[i],
                                                 self.running_mean[i], self.running_var[i],
-                                                self._batch_mean[i][g], self._batch_invstd[i][g],
-                                                v.post[i][g * m:(g + 1) * m],
+                                                mean_g, invstd_g, post_g,
                                                 momentum=self.bn_momentum, eps=self.bn_eps,
                                                 update_running=update_running)
                     else:
