@@ -167,4 +167,41 @@ MG_CLONES static void mg_normal_pairs_d(const uint64_t *raw, double *out, long n
         out[2 * i + 1] = rad * sn;
     }
 }
+/* tanh over an array. `ivdep`: y may be x itself (the layers work in
+ * place), which would otherwise send gcc's runtime overlap check to the
+ * scalar loop; element i reads and writes only index i, so in place is safe.
+ * Not cloned for AVX2: gcc 12 turns the selects back into branches there and
+ * leaves the loop scalar (measured slower than the SSE2 vector loop). */
+static void mg_tanh_array_f(const float *x, float *y, long n) {
+#pragma GCC ivdep
+    for (long i = 0; i < n; i++) y[i] = mg_tanhf(x[i]);
+}
+
+/* Adam, built twice like the normal draws (AVX2 + FMA, and the baseline),
+ * in PyTorch's update (single-tensor order): m = b1 m + (1 - b1) g,
+ * v = b2 v + (1 - b2) g^2, p -= step_size m / (sqrt(v) inv_sqrt_bc2 + eps).
+ * PyTorch divides sqrt(v) by sqrt(bc2); the multiply by its reciprocal is
+ * the same to within one rounding and leaves one division per parameter,
+ * which with the square root is what this loop's time is made of. */
+#define MG_ADAM_BODY(T, SQRT)                                               \
+    for (long i = 0; i < n; i++) {                                          \
+        T gi = g[i];                                                        \
+        T mi = b1 * m[i] + one_b1 * gi;                                     \
+        T vi = b2 * v[i] + one_b2 * gi * gi;                                \
+        m[i] = mi;                                                          \
+        v[i] = vi;                                                          \
+        p[i] -= step_size * mi / (SQRT(vi) * inv_sqrt_bc2 + eps);           \
+    }
+
+MG_CLONES static void mg_adam_f(float *p, const float *g, float *m, float *v, long n,
+                                float step_size, float inv_sqrt_bc2, float b1, float b2,
+                                float one_b1, float one_b2, float eps) {
+    MG_ADAM_BODY(float, sqrtf)
+}
+
+MG_CLONES static void mg_adam_d(double *p, const double *g, double *m, double *v, long n,
+                                double step_size, double inv_sqrt_bc2, double b1, double b2,
+                                double one_b1, double one_b2, double eps) {
+    MG_ADAM_BODY(double, sqrt)
+}
 #endif

@@ -31,6 +31,11 @@ from scipy.linalg.cython_blas cimport sgemm, dgemm
 
 cdef extern from "_fastmath.h" nogil:
     float mg_tanhf(float x)
+    void mg_tanh_array_f(const float* x, float* y, long n)
+    void mg_adam_f(float* p, const float* g, float* m, float* v, long n, float step_size,
+                   float inv_sqrt_bc2, float b1, float b2, float one_b1, float one_b2, float eps)
+    void mg_adam_d(double* p, const double* g, double* m, double* v, long n, double step_size,
+                   double inv_sqrt_bc2, double b1, double b2, double one_b1, double one_b2, double eps)
     void mg_normal_pairs_f(const uint64_t* raw, float* out, long n_pairs)
     void mg_normal_pairs_d(const uint64_t* raw, double* out, long n_pairs)
 
@@ -339,10 +344,10 @@ cdef void relu_backward_k(floating* y, floating* dy, floating* dx, Py_ssize_t si
 
 cdef void tanh_forward_k(floating* x, floating* y, Py_ssize_t size) noexcept nogil:
     cdef Py_ssize_t i
-    for i in range(size):
-        if floating is float:
-            y[i] = mg_tanhf(x[i])  # vectorisable; libm's tanhf is a call per element
-        else:
+    if floating is float:
+        mg_tanh_array_f(x, y, size)  # vectorised; libm's tanhf is a call per element
+    else:
+        for i in range(size):
             y[i] = tanh(x[i])
 
 
@@ -752,27 +757,15 @@ def softmax_cross_entropy(logits, labels, probs, dlogits):
 
 cdef void adam_k(floating* p, floating* g, floating* m, floating* v, Py_ssize_t size,
                  double lr, double beta1, double beta2, double eps, long step) noexcept nogil:
-    cdef Py_ssize_t i
+    # The loop is mg_adam_f/d in _fastmath.h (vectorised, AVX2 where the CPU has it).
     cdef double bc1 = 1 - beta1 ** step
     cdef double bc2 = 1 - beta2 ** step
-    # Same order of operations as torch.optim.Adam (single-tensor path):
-    # denom = sqrt(v) / sqrt(bc2) + eps; p -= (lr / bc1) * m / denom.
-    cdef floating step_size = <floating>(lr / bc1)
-    cdef floating sqrt_bc2 = <floating>sqrt(bc2)
-    cdef floating b1 = <floating>beta1, b2 = <floating>beta2
-    cdef floating one_b1 = <floating>(1 - beta1), one_b2 = <floating>(1 - beta2)
-    cdef floating e = <floating>eps
-    cdef floating gi, mi, vi
-    for i in range(size):
-        gi = g[i]
-        mi = b1 * m[i] + one_b1 * gi
-        vi = b2 * v[i] + one_b2 * gi * gi
-        m[i] = mi
-        v[i] = vi
-        if floating is float:
-            p[i] -= step_size * mi / (sqrtf(vi) / sqrt_bc2 + e)
-        else:
-            p[i] -= step_size * mi / (sqrt(vi) / sqrt_bc2 + e)
+    if floating is float:
+        mg_adam_f(p, g, m, v, size, <float>(lr / bc1), <float>(1 / sqrt(bc2)), <float>beta1,
+                  <float>beta2, <float>(1 - beta1), <float>(1 - beta2), <float>eps)
+    else:
+        mg_adam_d(p, g, m, v, size, lr / bc1, 1 / sqrt(bc2), beta1, beta2,
+                  1 - beta1, 1 - beta2, eps)
 
 
 cdef int _check_adam(double lr, double beta1, double beta2, double eps, long step) except -1:
