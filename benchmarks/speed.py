@@ -198,7 +198,7 @@ def stats(samples):
 
 def kernel_breakdown(cfg, images, threads, steps):
     """ms per step spent in each part of mnistgan's step: each kernel called
-    from Python, each backward pass (with its Adam step), the random draws."""
+    from Python, each backward pass (with its Adam step)."""
     import mnistgan.gan as gan_mod
     import mnistgan.network as net_mod
     from mnistgan import _kernels as K
@@ -213,15 +213,16 @@ def kernel_breakdown(cfg, images, threads, steps):
             return r
         return timed
 
+    labels = {"standard_normal": "standard_normal (z and noise draws, Box-Muller)"}
+
     class Timed:
         def __getattr__(self, name):
-            return timing(getattr(K, name), name)
+            return timing(getattr(K, name), labels.get(name, name))
 
     saved = net_mod.K, gan_mod.K
     net_mod.K = gan_mod.K = Timed()
     try:
         gan = GAN(cfg)
-        gan._draw = timing(gan._draw, "random draws (numpy Generator)")
 
         def timed_method(obj, name, label):
             setattr(obj, name, timing(getattr(obj, name), label))

@@ -169,13 +169,54 @@ MG_CLONES static void mg_normal_pairs_d(const uint64_t *raw, double *out, long n
 }
 /* tanh over an array. `ivdep`: y may be x itself (the layers work in
  * place), which would otherwise send gcc's runtime overlap check to the
- * scalar loop; element i reads and writes only index i, so in place is safe.
- * Not cloned for AVX2: gcc 12 turns the selects back into branches there and
- * leaves the loop scalar (measured slower than the SSE2 vector loop). */
-static void mg_tanh_array_f(const float *x, float *y, long n) {
+ * scalar loop; element i reads and writes only index i, so in place is safe. */
+static void mg_tanh_array_base(const float *x, float *y, long n) {
 #pragma GCC ivdep
     for (long i = 0; i < n; i++) y[i] = mg_tanhf(x[i]);
 }
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__SANITIZE_ADDRESS__)
+/* With AVX2 and FMA the same tanh runs 7x faster (measured: 47 against 344
+ * us for 78,400 values), but only written with floorf, which SSE4.1 has as
+ * one instruction: gcc 12 leaves the compare-and-step floor of
+ * mg_exp_nonpositive as branches for that target, and the loop scalar. The
+ * baseline keeps that floor, since floorf without SSE4.1 is a libm call.
+ * Both floors are exact: the results differ only by FMA rounding. */
+static inline float mg_tanhf_floor(float x) {
+    float a = x < 0 ? -x : x;
+    float a2 = a * a;
+    float small = a * (1.0f + a2 * (-0.33333334f + a2 * (0.13333334f + a2 * -0.053968254f)));
+    float xe = -2.0f * a;
+    xe = xe < -87.0f ? -87.0f : xe;
+    float t = xe * 1.4426950408889634f;
+    float k = __builtin_floorf(t);
+    float f = (t - k) * 0.6931471805599453f;
+    float p = 1.0f + f * (1.0f + f * (0.5f + f * (1.6666667e-1f + f * (4.1666668e-2f
+              + f * (8.3333338e-3f + f * (1.3888889e-3f + f * (1.9841270e-4f + f * 2.4801587e-5f)))))));
+    int32_t bits = ((int32_t)k + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    float e = p * scale;
+    float large = (1.0f - e) / (1.0f + e);
+    float r = a < 0.0625f ? small : large;
+    return x < 0 ? -r : r;
+}
+
+__attribute__((target("arch=x86-64-v3")))
+static void mg_tanh_array_v3(const float *x, float *y, long n) {
+#pragma GCC ivdep
+    for (long i = 0; i < n; i++) y[i] = mg_tanhf_floor(x[i]);
+}
+
+static void mg_tanh_array_f(const float *x, float *y, long n) {
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+        mg_tanh_array_v3(x, y, n);
+    else
+        mg_tanh_array_base(x, y, n);
+}
+#else
+static void mg_tanh_array_f(const float *x, float *y, long n) { mg_tanh_array_base(x, y, n); }
+#endif
 
 /* Adam, built twice like the normal draws (AVX2 + FMA, and the baseline),
  * in PyTorch's update (single-tensor order): m = b1 m + (1 - b1) g,
