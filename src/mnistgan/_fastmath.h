@@ -9,12 +9,9 @@
 
 /* exp(x) for x in [-87, 0]: x = (k + f) ln 2 with integer k and f in [0, 1);
  * 2^f from its Taylor series to degree 8 (relative error < 1.1e-7, about
- * one float32 ulp); 2^k written straight into the exponent bits. */
-static inline float mg_exp_nonpositive(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    float t = x * 1.4426950408889634f;
-    float k = (float)(int32_t)t;          /* truncates toward zero ... */
-    k = k > t ? k - 1.0f : k;             /* ... so step down for negatives: floor */
+ * one float32 ulp); 2^k written straight into the exponent bits.
+ * mg_exp2_parts takes t = x / ln 2 and k = floor(t). */
+static inline float mg_exp2_parts(float t, float k) {
     float f = (t - k) * 0.6931471805599453f;
     float p = 1.0f + f * (1.0f + f * (0.5f + f * (1.6666667e-1f + f * (4.1666668e-2f
               + f * (8.3333338e-3f + f * (1.3888889e-3f + f * (1.9841270e-4f + f * 2.4801587e-5f)))))));
@@ -24,16 +21,27 @@ static inline float mg_exp_nonpositive(float x) {
     return p * scale;
 }
 
-/* tanh(x) to a few float32 ulps. Near 0 an odd Taylor polynomial (no
- * cancellation); elsewhere (1 - e) / (1 + e) with e = exp(-2|x|). */
-static inline float mg_tanhf(float x) {
-    float a = x < 0 ? -x : x;
+static inline float mg_exp_nonpositive(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    float t = x * 1.4426950408889634f;
+    float k = (float)(int32_t)t;          /* truncates toward zero ... */
+    k = k > t ? k - 1.0f : k;             /* ... so step down for negatives: floor */
+    return mg_exp2_parts(t, k);
+}
+
+/* tanh(x) to a few float32 ulps, from e = exp(-2|x|). Near 0 an odd Taylor
+ * polynomial (no cancellation); elsewhere (1 - e) / (1 + e). */
+static inline float mg_tanh_from(float x, float e) {
+    float a = fabsf(x);
     float a2 = a * a;
     float small = a * (1.0f + a2 * (-0.33333334f + a2 * (0.13333334f + a2 * -0.053968254f)));
-    float e = mg_exp_nonpositive(-2.0f * a);
     float large = (1.0f - e) / (1.0f + e);
     float r = a < 0.0625f ? small : large;
     return x < 0 ? -r : r;
+}
+
+static inline float mg_tanhf(float x) {
+    return mg_tanh_from(x, mg_exp_nonpositive(-2.0f * fabsf(x)));
 }
 
 /* log(u) for u in (0, 1]: u = m 2^e with m in [sqrt(1/2), sqrt(2)), and
@@ -183,23 +191,10 @@ static void mg_tanh_array_base(const float *x, float *y, long n) {
  * baseline keeps that floor, since floorf without SSE4.1 is a libm call.
  * Both floors are exact: the results differ only by FMA rounding. */
 static inline float mg_tanhf_floor(float x) {
-    float a = x < 0 ? -x : x;
-    float a2 = a * a;
-    float small = a * (1.0f + a2 * (-0.33333334f + a2 * (0.13333334f + a2 * -0.053968254f)));
-    float xe = -2.0f * a;
+    float xe = -2.0f * fabsf(x);
     xe = xe < -87.0f ? -87.0f : xe;
     float t = xe * 1.4426950408889634f;
-    float k = __builtin_floorf(t);
-    float f = (t - k) * 0.6931471805599453f;
-    float p = 1.0f + f * (1.0f + f * (0.5f + f * (1.6666667e-1f + f * (4.1666668e-2f
-              + f * (8.3333338e-3f + f * (1.3888889e-3f + f * (1.9841270e-4f + f * 2.4801587e-5f)))))));
-    int32_t bits = ((int32_t)k + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    float e = p * scale;
-    float large = (1.0f - e) / (1.0f + e);
-    float r = a < 0.0625f ? small : large;
-    return x < 0 ? -r : r;
+    return mg_tanh_from(x, mg_exp2_parts(t, __builtin_floorf(t)));
 }
 
 __attribute__((target("arch=x86-64-v3")))
