@@ -183,7 +183,7 @@ static void mg_tanh_array_base(const float *x, float *y, long n) {
     for (long i = 0; i < n; i++) y[i] = mg_tanhf(x[i]);
 }
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__SANITIZE_ADDRESS__)
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__) && !defined(__SANITIZE_ADDRESS__)
 /* With AVX2 and FMA the same tanh runs 7x faster (measured: 47 against 344
  * us for 78,400 values), but only written with floorf, which SSE4.1 has as
  * one instruction: gcc 12 leaves the compare-and-step floor of
@@ -197,7 +197,7 @@ static inline float mg_tanhf_floor(float x) {
     return mg_tanh_from(x, mg_exp2_parts(t, __builtin_floorf(t)));
 }
 
-__attribute__((target("arch=x86-64-v3")))
+__attribute__((target("avx2,fma")))
 static void mg_tanh_array_v3(const float *x, float *y, long n) {
 #pragma GCC ivdep
     for (long i = 0; i < n; i++) y[i] = mg_tanhf_floor(x[i]);
