@@ -205,15 +205,22 @@ class RefGAN:
         grads, _ = self.G.backward(dfake, cg)
         return loss, grads
 
-    def step(self, images, idx, std):
+    def step(self, images, idx, std, d_after=None):
+        """One D update, then one G update. d_after (a package DenseStack):
+        after the D update, take D's parameters from it, so that the G update
+        is judged on the very D the package produced (see test_step)."""
         c = self.config
         B, dt = c.batch_size, self.dtype
         real = (images[idx].astype(np.float64) / 127.5 - 1).astype(dt).astype(self.compute)
         z = box_muller(self.rng, (2 * B, c.latent_dim), dt).astype(self.compute)
         noise = (box_muller(self.rng, (3 * B, c.image_dim), dt) if std > 0
                  else np.zeros((3 * B, c.image_dim), dt)).astype(self.compute)
-        d_loss, grads, d_real, d_fake = self.d_loss_and_grads(real, z[:B], noise[:2 * B], std)
-        self.D.adam(grads, c.lr, c.beta1, c.beta2, c.adam_eps)
-        g_loss, grads = self.g_loss_and_grads(z[B:], noise[2 * B:], std)
-        self.G.adam(grads, c.lr, c.beta1, c.beta2, c.adam_eps)
+        d_loss, d_grads, d_real, d_fake = self.d_loss_and_grads(real, z[:B], noise[:2 * B], std)
+        self.D.adam(d_grads, c.lr, c.beta1, c.beta2, c.adam_eps)
+        if d_after is not None:
+            for name, p in self.D.params().items():
+                p[...] = d_after.params[name]
+        g_loss, g_grads = self.g_loss_and_grads(z[B:], noise[2 * B:], std)
+        self.G.adam(g_grads, c.lr, c.beta1, c.beta2, c.adam_eps)
+        self.last_grads = {"D": d_grads, "G": g_grads}  # the step's gradients, before Adam
         return d_loss, g_loss, d_real, d_fake

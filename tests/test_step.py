@@ -77,65 +77,98 @@ def network_rel_diff(net, ref_params: dict, per_array: bool):
     return err / max(np.abs(ref_params[k]).max() for k in net.params)
 
 
-@pytest.mark.parametrize("dtype,limit", [("float64", 1e-9), ("float32", 1e-4)])
 @pytest.mark.parametrize("size", ["small", "reference"])
-def test_step_matches_numpy_reference_for_20_steps(dtype, limit, size):
-    """20 steps from the same seed.
-
-    float64: the two implementations run free for all 20 steps.
-    float32: before each step the references take the kernels' state, and
-    the step itself is compared, with the NumPy step in float32 and with its
-    exact answer (the same float32 draws and state, in float64): it must
-    agree with one of them. Neither alone is a fair judge. Free-running
-    float32 runs separate as soon as one ReLU input lands within rounding of
-    0 and flips. A gradient component that cancels to near 0 takes its
-    float32 value from the summation order, and Adam turns any such value
-    into a full step: measured, the float32 NumPy step 17% off the exact
-    gradient of G's dense3.bias at step 8 of the reference model, where the
-    kernels were 1.6e-6 off. And where batch norm sees 4 rows (the small
-    model), a column with one positive ReLU output is so ill-conditioned
-    that both float32 implementations, summing in the same order, agree to
-    3e-8 and sit 3e-4 from the exact answer.
-    """
-    kw = SMALL if size == "small" else {}
-    cfg = Config(**{**kw, "dtype": dtype})
+def test_float64_step_matches_numpy_reference_for_20_steps(size):
+    """20 steps from the same seed, both implementations running free:
+    every parameter array within 1e-9 of the reference, on its own scale."""
+    limit = 1e-9
+    cfg = Config(**{**(SMALL if size == "small" else {}), "dtype": "float64"})
     gan = GAN(cfg)
-    refs = [RefGAN(gan, seed=99)]
-    if dtype == "float32":
-        refs.append(RefGAN(gan, seed=99, compute_dtype="float64"))
+    ref = RefGAN(gan, seed=99)
     gan.rng = np.random.default_rng(99)  # the same stream of z and noise from here on
     data_rng = np.random.default_rng(7)
     images = data_rng.integers(0, 256, (200, cfg.image_dim), dtype=np.uint8)
-    # float64: every parameter array on its own scale. float32: on the scale
-    # of its network, because an Adam step moves a parameter by about
-    # lr * m / sqrt(v): batch-norm biases start at 0 and hold only such steps.
-    per_array = dtype == "float64"
-
-    def mismatch(got, ref, want):
-        """None if the kernels' step agrees with this reference's, else why not."""
-        for g, w in zip(got, want):
-            if not abs(g - w) <= limit * max(abs(w), 1e-3):
-                return f"step stats {got} vs {want}"
-        for net, rnet in ((gan.G, ref.G), (gan.D, ref.D)):
-            diff = network_rel_diff(net, rnet.params(), per_array)
-            if not diff < limit:
-                return f"{net.name} parameters {diff:.2e} apart"
-        for i in range(len(gan.G.running_mean)):
-            for mine, theirs in ((gan.G.running_mean[i], ref.G.rm[i]), (gan.G.running_var[i], ref.G.rv[i])):
-                if not max_rel_diff(mine, theirs) < limit:
-                    return f"running statistics of bn{i}"
-        return None
-
     for step in range(20):
-        if dtype == "float32":
-            for ref in refs:
-                ref.sync_from(gan)
         idx = data_rng.integers(0, 200, cfg.batch_size)
         std = 0.1 * (1 - step / 20)  # annealed, as in training
         got = gan.train_step(images, idx, std)
-        whys = [mismatch(got, ref, ref.step(images, idx, std)) for ref in refs]
-        assert None in whys, (step, whys)
-    assert gan.G.adam_steps == gan.D.adam_steps == refs[0].G.t == refs[0].D.t == 20
+        want = ref.step(images, idx, std)
+        for g, w in zip(got, want):
+            assert abs(g - w) <= limit * max(abs(w), 1e-3), (step, got, want)
+        assert network_rel_diff(gan.G, ref.G.params(), True) < limit, step
+        assert network_rel_diff(gan.D, ref.D.params(), True) < limit, step
+        for i in range(len(gan.G.running_mean)):
+            assert max_rel_diff(gan.G.running_mean[i], ref.G.rm[i]) < limit
+            assert max_rel_diff(gan.G.running_var[i], ref.G.rv[i]) < limit
+    assert gan.G.adam_steps == gan.D.adam_steps == ref.G.t == ref.D.t == 20
+
+
+def gradient_errors(got: dict, exact: dict):
+    """Per array, |got - exact| (2-norm) on the scale of the larger of the
+    array's exact gradient and a thousandth of the whole network's. The
+    floor is for arrays whose exact gradient cancels to ~0 (the bias of a
+    unit that is active in every row, before batch norm): float32 gives them
+    rounding noise of the size of the terms that cancel."""
+    whole = np.sqrt(sum(np.sum(g ** 2) for g in exact.values()))
+    return {k: np.linalg.norm(got[k].astype(np.float64) - g) / max(np.linalg.norm(g), 1e-3 * whole)
+            for k, g in exact.items()}
+
+
+@pytest.mark.parametrize("size", ["small", "reference"])
+def test_float32_step_is_the_exact_step_to_float32_rounding(size):
+    """20 float32 steps, each judged against the exact answer to its own
+    question: the NumPy step in float64 on the same float32 draws, data and
+    state (taken from the kernels before each step, and D taken from the
+    kernels after its update, so that G's update is judged on the same D).
+
+    Within 1e-4 at every step: the losses and D outputs, the running
+    statistics, and the parameters after Adam, which must be the exact Adam
+    step from the kernels' own gradients. The gradients are within 1e-4
+    (see gradient_errors) at all steps but at most 2, and within 5e-2 there:
+    measured, 1e-6 at most steps, and 6e-3 at a step where one ReLU input
+    lies within float32 rounding of 0 and flips (the float32 NumPy step
+    flips too, at its own steps), and 1.3e-4 at one step of the small model,
+    where batch norm sees 4 rows and a column with one positive ReLU output
+    is ill-conditioned. Why not compare free-running parameters:
+    a gradient component that cancels to ~0 takes its float32 value, sign
+    included, from the summation order, which BLAS versions change, and Adam
+    turns any such value into a step of about lr (measured: scipy 1.11's
+    OpenBLAS moved D 9e-4 from the exact step at step 16 of the reference
+    model, by such components alone).
+    """
+    limit = 1e-4
+    cfg = Config(**{**(SMALL if size == "small" else {}), "dtype": "float32"})
+    gan = GAN(cfg)
+    exact = RefGAN(gan, seed=99, compute_dtype="float64")
+    adam = RefGAN(gan, seed=99, compute_dtype="float64")  # Adam alone, on the kernels' gradients
+    gan.rng = np.random.default_rng(99)
+    data_rng = np.random.default_rng(7)
+    images = data_rng.integers(0, 256, (200, cfg.image_dim), dtype=np.uint8)
+    worst_gradients = []
+    for step in range(20):
+        exact.sync_from(gan)
+        adam.sync_from(gan)
+        idx = data_rng.integers(0, 200, cfg.batch_size)
+        std = 0.1 * (1 - step / 20)
+        got = gan.train_step(images, idx, std)
+        want = exact.step(images, idx, std, d_after=gan.D)
+        for g, w in zip(got, want):
+            assert abs(g - w) <= limit * max(abs(w), 1e-3), (step, got, want)
+        worst = 0.0
+        for key, net, rnet in (("G", gan.G, adam.G), ("D", gan.D, adam.D)):
+            errors = gradient_errors(net.grads, exact.last_grads[key])
+            assert set(errors) == set(net.params)  # every array judged
+            worst = max(worst, *errors.values())
+            rnet.adam({k: v.astype(np.float64) for k, v in net.grads.items()},
+                      cfg.lr, cfg.beta1, cfg.beta2, cfg.adam_eps)
+            assert network_rel_diff(net, rnet.params(), True) < limit, (step, net.name)
+        worst_gradients.append(worst)
+        for i in range(len(gan.G.running_mean)):
+            assert max_rel_diff(gan.G.running_mean[i], exact.G.rm[i]) < limit
+            assert max_rel_diff(gan.G.running_var[i], exact.G.rv[i]) < limit
+    assert gan.G.adam_steps == gan.D.adam_steps == exact.G.t == 20
+    assert sum(w >= limit for w in worst_gradients) <= 2, worst_gradients
+    assert max(worst_gradients) < 5e-2, worst_gradients
 
 
 def test_concatenated_d_batch_keeps_real_gradients():
