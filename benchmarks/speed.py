@@ -12,7 +12,9 @@ What it measures, all in one process run:
      2 BLAS/intra-op threads, float32 and float64. The configurations run in
      short blocks, round-robin, so drift on a shared machine hits all alike.
   2. The GEMM-only time of the step (its 38 GEMMs, same shapes, same BLAS)
-     and where the rest of mnistgan's step goes, kernel by kernel.
+     and where the rest of mnistgan's step goes, kernel by kernel; and the
+     same GEMMs through PyTorch (torch.mm), to tell whether PyTorch loses
+     its time in its GEMMs or around them.
   3. Images per second of mnistgan at batch 50, 100, 256 and 1024.
   4. Peak memory (max RSS) of each implementation, each in a fresh process.
 """
@@ -145,7 +147,24 @@ def make_runner(impl: str, cfg: Config, images: np.ndarray):
         return lambda: tg.step(images, batch(), 0.1)
     if impl == "gemm-only":
         return GemmOnly(cfg).step
+    if impl == "pytorch-gemm-only":
+        return TorchGemmOnly(cfg).step
     raise ValueError(impl)
+
+
+class TorchGemmOnly:
+    """The step's GEMMs alone, through torch.mm (PyTorch's own BLAS) on the
+    same operands as GemmOnly: is PyTorch slower in its GEMMs or around them?"""
+
+    def __init__(self, cfg):
+        t = _torch()
+        self.ops = [(t.from_numpy(A), t.from_numpy(B), t.from_numpy(C), ta, tb)
+                    for A, B, C, ta, tb in GemmOnly(cfg).ops]
+
+    def step(self):
+        mm = torch.mm
+        for A, B, C, ta, tb in self.ops:
+            mm(A.t() if ta else A, B.t() if tb else B, out=C)
 
 
 class Threads:
@@ -288,9 +307,10 @@ def main(argv=None):
     p.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"), help="where to write the table")
     p.add_argument("--no-write", action="store_true", help="print only")
     a = p.parse_args(argv)
-    rounds, block = (4, 5) if a.quick else (12, 10)
+    rounds, block = (4, 5) if a.quick else (30, 5)
     images = np.random.default_rng(0).integers(0, 256, (10000, 784), dtype=np.uint8)
-    impls = ["mnistgan", "mnistgan-nohelper", "numpy"] + (["pytorch"] if HAVE_TORCH else []) + ["gemm-only"]
+    impls = (["mnistgan", "mnistgan-nohelper", "numpy"] + (["pytorch"] if HAVE_TORCH else []) + ["gemm-only"]
+             + (["pytorch-gemm-only"] if HAVE_TORCH else []))
     lines = [f"# mnistgan speed results", "",
              f"Machine: {machine()}.", "",
              f"Command: `python benchmarks/speed.py{' --quick' if a.quick else ''}` "
@@ -316,11 +336,25 @@ def main(argv=None):
                 if (impl, t) not in times:
                     continue
                 med, lo, hi = stats(times[(impl, t)])
-                ratio = "1.00x" if impl == "mnistgan" else (
-                    f"mnistgan is {med / ours:.2f}x faster" if impl != "gemm-only"
-                    else f"mnistgan takes {ours / med:.2f}x its GEMMs")
+                if impl == "mnistgan":
+                    ratio = "1.00x"
+                elif impl == "gemm-only":
+                    ratio = f"mnistgan takes {ours / med:.2f}x its GEMMs"
+                elif impl == "pytorch-gemm-only":
+                    ratio = f"PyTorch takes {stats(times[('pytorch', t)])[0] / med:.2f}x its GEMMs"
+                else:
+                    ratio = f"mnistgan is {med / ours:.2f}x faster"
                 emit(f"| {t} | {impl} | {med:.2f} | {lo:.2f}-{hi:.2f} | {ratio} |")
         emit()
+        if HAVE_TORCH:
+            for t in (1, 2):
+                torch_ms = stats(times[("pytorch", t)])[0]
+                gemm_ms = stats(times[("gemm-only", t)])[0]
+                emit(f"- {t} thread(s): a step costing nothing but its GEMMs (through OpenBLAS, one "
+                     f"at a time) would be {torch_ms / gemm_ms:.2f}x faster than PyTorch; 2x needs a "
+                     f"step of {torch_ms / 2:.2f} ms, {100 * (1 - torch_ms / 2 / gemm_ms):.0f}% under "
+                     f"that GEMM-only time.")
+            emit()
 
     emit("## Where mnistgan's step goes (batch 50, float32)")
     emit()
@@ -351,7 +385,7 @@ def main(argv=None):
     emit()
     emit("| implementation | float32 MB | float64 MB |")
     emit("|---|---|---|")
-    for impl in [i for i in impls if i not in ("gemm-only", "mnistgan-nohelper")]:
+    for impl in [i for i in impls if i not in ("gemm-only", "pytorch-gemm-only", "mnistgan-nohelper")]:
         emit(f"| {impl} | {peak_memory(impl, 'float32', 1):.0f} | {peak_memory(impl, 'float64', 1):.0f} |")
     emit()
     if not a.no_write:
