@@ -21,15 +21,19 @@ import numpy as np
 import pyximport
 from threadpoolctl import threadpool_limits
 
+# mnistgan first: it shortens OpenBLAS's idle spinning (mnistgan.parallel),
+# which only works before scipy's BLAS is loaded. With OpenBLAS's default
+# (about 0.1 s of spinning after each call), its idle workers would take a
+# core from the split's helper thread.
+from mnistgan import Config  # noqa: E402
+from mnistgan import _kernels as K  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 pyximport.install(language_level=3, build_dir=os.path.join(HERE, ".pyxbld"))
 
 import _gemm_split  # noqa: E402
 from step import GemmOnly  # noqa: E402
-
-from mnistgan import Config  # noqa: E402
-from mnistgan import _kernels as K  # noqa: E402
 
 
 def main(argv=None):
@@ -75,7 +79,7 @@ def main(argv=None):
                         times[(g, w)].append(1000 * (time.perf_counter() - t0) / a.reps)
             if helper:
                 _gemm_split.stop()
-            time.sleep(0.05)  # let OpenBLAS's workers go idle between ways
+            time.sleep(0.2)  # let OpenBLAS's workers go idle between ways
     print(f"median ms per pass over {a.rounds} rounds x {a.reps} passes\n")
     print(f"| GEMMs | {' | '.join(ways)} | OpenBLAS 2 threads / split |")
     print("|---|" + "---|" * (len(ways) + 1))
