@@ -21,7 +21,7 @@ before any code without the GIL runs.
 
 cimport cython
 cimport numpy as cnp
-from libc.math cimport exp, log, log1p, sqrt, sqrtf, tanh, fabs
+from libc.math cimport exp, log, log1p, sqrt, tanh, fabs
 from libc.string cimport memcpy
 from libc.stdlib cimport calloc, free
 from libc.stdint cimport int64_t, uint8_t, uint64_t
@@ -30,7 +30,6 @@ from numpy.random cimport bitgen_t
 from scipy.linalg.cython_blas cimport sgemm, dgemm
 
 cdef extern from "_fastmath.h" nogil:
-    float mg_tanhf(float x)
     void mg_tanh_array_f(const float* x, float* y, long n)
     void mg_adam_f(float* p, const float* g, float* m, float* v, long n, float step_size,
                    float inv_sqrt_bc2, float b1, float b2, float one_b1, float one_b2, float eps)
