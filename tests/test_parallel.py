@@ -1,6 +1,6 @@
-"""The backward plan and its helper thread: same numbers with or without the
-helper, a plan that refuses inconsistent buffers, and a helper that never
-outlives a plan's run."""
+"""The helper thread and the plans it shares: same numbers with or without
+the helper, plans that refuse inconsistent buffers, and a helper that never
+outlives a step."""
 import threading
 import time
 
@@ -14,6 +14,10 @@ from mnistgan import _kernels as K
 from mnistgan import parallel
 
 SMALL = dict(latent_dim=8, g_hidden=(32, 48), d_hidden=(40, 24), image_dim=30, batch_size=10)
+# Plan runs a step posts to the helper: G's forward (2B rows), D's forward
+# (2B rows), D's backward + Adam, D's forward (B rows), D's input gradient,
+# G's backward + Adam.
+JOBS_PER_STEP = 6
 
 
 @pytest.fixture
@@ -22,15 +26,6 @@ def helper_forced(monkeypatch):
     then every GEMM is one-threaded on both paths and results can be compared
     bit for bit (BLAS's own threads may round differently)."""
     monkeypatch.setattr(gan_module, "blas_threads", lambda: 2)
-    calls = []
-    real = parallel.run_plan
-
-    def counting(plan, use_helper):
-        calls.append(use_helper)
-        return real(plan, use_helper)
-
-    monkeypatch.setattr("mnistgan.network.run_plan", counting)
-    return calls
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -46,9 +41,33 @@ def test_helper_thread_gives_the_same_bits(helper_forced, dtype, config):
             a = alone.train_step(images, idx, 0.1)
             b = shared.train_step(images, idx, 0.1)
             assert a == b
-    assert helper_forced == [False, False, True, True] * 4
+    assert alone._crew.jobs_posted == 0
+    assert shared._crew.jobs_posted == 4 * JOBS_PER_STEP
+    if config == {}:  # passes of milliseconds: the helper is there for some
+        assert shared._crew.jobs_helped > 0
+    assert not shared._crew.serving     # and left after each step
     for key, value in alone.state().items():
         assert np.array_equal(value, shared.state()[key]), key
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_one_and_two_threads_give_the_same_bits(dtype):
+    """With two BLAS threads a step is a helper session (every GEMM on one
+    BLAS thread, cut the same way as with one thread): the same bits."""
+    cfg = Config(dtype=dtype, seed=5)
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (500, cfg.image_dim), dtype=np.uint8)
+    idxs = [rng.integers(0, 500, cfg.batch_size) for _ in range(5)]
+    runs = []
+    for threads in (1, 2):
+        gan = GAN(cfg, parallel=True)
+        with threadpool_limits(limits=threads, user_api="blas"):
+            stats = [gan.train_step(images, idx, 0.1) for idx in idxs]
+        assert gan._crew.jobs_posted == (0 if threads == 1 else 5 * JOBS_PER_STEP)
+        runs.append((stats, gan.state()))
+    assert runs[0][0] == runs[1][0]
+    for key, value in runs[0][1].items():
+        assert np.array_equal(value, runs[1][1][key]), key
 
 
 def test_fused_update_equals_backward_then_adam():
@@ -77,24 +96,120 @@ def test_helper_is_used_only_with_two_blas_threads():
     gan = GAN(Config(**SMALL), parallel=True)
     images = np.zeros((50, 30), np.uint8)
     idx = np.arange(10)
-    seen = []
-    real = parallel.run_plan
-    import mnistgan.network as network
+    with threadpool_limits(limits=1, user_api="blas"):
+        gan.train_step(images, idx, 0.1)
+    assert gan._crew.jobs_posted == 0
+    with threadpool_limits(limits=2, user_api="blas"):
+        gan.train_step(images, idx, 0.1)
+        assert parallel.blas_threads() == 2  # put back after the step
+    assert gan._crew.jobs_posted == JOBS_PER_STEP
 
-    def spy(plan, use_helper):
-        seen.append(use_helper)
-        return real(plan, use_helper)
 
-    network.run_plan = spy
-    try:
-        with threadpool_limits(limits=1, user_api="blas"):
-            gan.train_step(images, idx, 0.1)
-        with threadpool_limits(limits=2, user_api="blas"):
-            gan.train_step(images, idx, 0.1)
-            assert parallel.blas_threads() == 2  # put back after the shared backward
-    finally:
-        network.run_plan = real
-    assert seen == [False, False, True, True]
+def _wait_serving(crew):
+    deadline = time.monotonic() + 10
+    while not crew.serving and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert crew.serving
+
+
+def _stack(dtype, bn=True):
+    return DenseStack([20, 48, 64, 33], hidden_batchnorm=bn, output="tanh" if bn else "linear",
+                      max_batch=12, dtype=dtype, rng=np.random.default_rng(5), input_grad=True,
+                      bn_groups=2)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_shared_passes_give_the_same_bits_as_one_thread(dtype):
+    """Forward (halves of each layer), input gradient (halves of each GEMM)
+    and backward + Adam, each with a serving helper, against one thread."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((12, 20)).astype(dtype)
+    g = rng.standard_normal((6, 33)).astype(dtype)
+    alone, shared = _stack(dtype), _stack(dtype)
+    crew = K.Crew()
+    with threadpool_limits(limits=1, user_api="blas"):
+        for _ in range(3):
+            ya = alone.forward(x, groups=2).copy()
+            gxa = alone.backward(g, param_grads=False, group=1).copy()
+            alone.forward(x, groups=2)
+            alone.backward_and_update(g, 0.01, 0.5, 0.9, 1e-8, group=1)
+            with parallel.helper_session(crew):
+                _wait_serving(crew)  # tiny passes could end before the helper wakes
+                yb = shared.forward(x, groups=2, crew=crew).copy()
+                gxb = shared.backward(g, param_grads=False, group=1, crew=crew).copy()
+                shared.forward(x, groups=2, crew=crew)
+                shared.backward_and_update(g, 0.01, 0.5, 0.9, 1e-8, group=1, crew=crew)
+            assert np.array_equal(ya, yb)
+            assert np.array_equal(gxa, gxb)
+    for key, value in alone.state().items():
+        assert np.array_equal(value, shared.state()[key]), key
+    assert crew.jobs_posted == 12 and crew.jobs_helped > 0
+
+
+def test_a_crew_without_a_helper_costs_only_time():
+    """Posted parts nobody claims are taken back and done by the caller."""
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((12, 20))
+    g = rng.standard_normal((12, 33))
+    alone, posted = _stack("float64", bn=False), _stack("float64", bn=False)
+    crew = K.Crew()  # nobody serves it
+    alone.forward(x)
+    gxa = alone.backward(g).copy()
+    alone.forward(x)
+    alone.backward_and_update(g, 0.01, 0.5, 0.9, 1e-8)
+    posted.forward(x, crew=crew)
+    gxb = posted.backward(g, param_grads=False, crew=crew)
+    np.testing.assert_array_equal(gxa, gxb)
+    posted.forward(x, crew=crew)
+    posted.backward_and_update(g, 0.01, 0.5, 0.9, 1e-8, crew=crew)
+    assert crew.jobs_posted == 4 and crew.jobs_helped == 0
+    assert np.array_equal(alone.flat_params, posted.flat_params)
+
+
+def test_two_models_stepped_from_two_threads_take_turns_correctly():
+    """Two GANs in two threads: their sessions share the one helper thread
+    (a crew without its helper does the work alone), results as if alone."""
+    cfg = Config(**SMALL, seed=4)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (200, 30), dtype=np.uint8)
+    idxs = [rng.integers(0, 200, 10) for _ in range(20)]
+    with threadpool_limits(limits=2, user_api="blas"):
+        ref = GAN(cfg, parallel=True)
+        want = [ref.train_step(images, idx, 0.1) for idx in idxs]
+        gans = [GAN(cfg, parallel=True) for _ in range(2)]
+        got = [None, None]
+
+        def train(k):
+            got[k] = [gans[k].train_step(images, idx, 0.1) for idx in idxs]
+
+        threads = [threading.Thread(target=train, args=(k,)) for k in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    # BLAS's thread count is process-wide, so a step that began while the
+    # other held BLAS to one thread may round differently: compare closely.
+    for k in range(2):
+        assert got[k] is not None
+        np.testing.assert_allclose(np.array(got[k]), np.array(want), rtol=1e-4, atol=1e-5)
+        assert not gans[k]._crew.serving
+
+
+def test_session_waits_for_the_helper_on_an_interrupt():
+    crew = K.Crew()
+    with pytest.raises(KeyboardInterrupt):
+        with parallel.helper_session(crew):
+            _wait_serving(crew)
+            raise KeyboardInterrupt
+    assert not crew.serving  # the helper had left before the interrupt went on
+
+
+def test_a_crew_takes_one_helper():
+    crew = K.Crew()
+    with parallel.helper_session(crew):
+        _wait_serving(crew)
+        with pytest.raises(RuntimeError, match="already has a helper"):
+            crew.serve()
 
 
 # -- the plan's own checks ------------------------------------------------------------
@@ -166,28 +281,3 @@ def test_abort_releases_a_waiting_helper_without_touching_memory():
     helper.join(timeout=10)
     assert not helper.is_alive()
     assert np.all(flat[1] == 7.0) and np.all(flat[0] == 0)
-
-
-def test_helper_finishes_before_an_interrupted_step_returns(monkeypatch):
-    """A KeyboardInterrupt while the helper works waits for the helper first."""
-    layers, flat = _layers(n=64, sizes=(3, 5, 2))
-    plan = K.BackwardPlan(layers, param_grads=True, adam=flat)
-    plan.start(lr=0.1, beta1=0.5, beta2=0.9, eps=1e-8, step=1)
-    original = plan.work
-    done = []
-
-    class Slow:
-        n_tasks = plan.n_tasks
-
-        def work(self, chain):
-            if chain:
-                raise KeyboardInterrupt  # as if Ctrl-C hit before the chain ran
-            original(False)
-            done.append(True)
-
-        def abort(self):
-            plan.abort()
-
-    with pytest.raises(KeyboardInterrupt):
-        parallel.run_plan(Slow(), True)
-    assert done == [True]  # run_plan returned only after the helper had

@@ -43,8 +43,11 @@ cdef extern from "_sync.h" nogil:
     long mg_load(mg_atomic* p)
     void mg_store(mg_atomic* p, long v)
     long mg_fetch_add(mg_atomic* p, long v)
+    bint mg_cas(mg_atomic* p, long expected, long desired)
     bint mg_wait_le(mg_atomic* p, long bound, mg_atomic* abort)
     bint mg_wait_ge(mg_atomic* p, long bound, mg_atomic* abort)
+    void mg_yield()
+    void MG_PAUSE()
 
 import numpy as np
 
@@ -443,7 +446,9 @@ cdef void batchnorm_forward_k(floating* x, floating* gamma, floating* beta,
                               floating* run_mean, floating* run_var,
                               floating* mean, floating* invstd, floating* y,
                               int n, int d, double momentum, double eps,
-                              bint update_running) noexcept nogil:
+                              bint update_running, Py_ssize_t ld) noexcept nogil:
+    # d columns of n rows; x and y rows ld apart (ld = d for a whole matrix,
+    # more for a block of columns: ForwardPlan normalises column blocks).
     cdef Py_ssize_t i, j
     cdef floating* row
     cdef floating* yrow
@@ -453,14 +458,14 @@ cdef void batchnorm_forward_k(floating* x, floating* gamma, floating* beta,
         mean[j] = 0
         invstd[j] = 0
     for i in range(n):
-        row = x + i * d
+        row = x + i * ld
         for j in range(d):
             mean[j] += row[j]
     for j in range(d):
         mean[j] = mean[j] / n
     # Two-pass variance (sum of squared deviations), accumulated in invstd.
     for i in range(n):
-        row = x + i * d
+        row = x + i * ld
         for j in range(d):
             diff = row[j] - mean[j]
             invstd[j] += diff * diff
@@ -472,8 +477,8 @@ cdef void batchnorm_forward_k(floating* x, floating* gamma, floating* beta,
             run_var[j] = (1 - momentum) * run_var[j] + momentum * var * n / (n - 1)
         invstd[j] = 1 / sqrt(var + eps)
     for i in range(n):
-        row = x + i * d
-        yrow = y + i * d
+        row = x + i * ld
+        yrow = y + i * ld
         for j in range(d):
             yrow[j] = (row[j] - mean[j]) * invstd[j] * gamma[j] + beta[j]
 
@@ -557,12 +562,12 @@ def batchnorm_forward(X, gamma, beta, running_mean, running_var, mean, invstd, Y
         with nogil:
             batchnorm_forward_k(<float*>_lo(x), <float*>_lo(g), <float*>_lo(b), <float*>_lo(rm),
                                 <float*>_lo(rv), <float*>_lo(mu), <float*>_lo(istd), <float*>_lo(y),
-                                <int>n, <int>d, momentum, eps, update_running)
+                                <int>n, <int>d, momentum, eps, update_running, d)
     else:
         with nogil:
             batchnorm_forward_k(<double*>_lo(x), <double*>_lo(g), <double*>_lo(b), <double*>_lo(rm),
                                 <double*>_lo(rv), <double*>_lo(mu), <double*>_lo(istd), <double*>_lo(y),
-                                <int>n, <int>d, momentum, eps, update_running)
+                                <int>n, <int>d, momentum, eps, update_running, d)
     return Y
 
 
@@ -1022,6 +1027,7 @@ cdef struct LayerPlan:
     int d_in
     int d_out
     int act
+    int gx_split     # a shared chain's second part of gx starts at this column (d_in: one part)
     Py_ssize_t p_lo  # this layer's parameters: [p_lo, p_lo + p_size) of the flat arrays
     Py_ssize_t p_size
 
@@ -1044,6 +1050,116 @@ cdef Py_ssize_t DW_CHUNK_MACS = 1 << 25
 cdef Py_ssize_t ADAM_CHUNK = 1 << 17
 
 
+# The crew: one helper thread that serves plans without the GIL. For the
+# length of a training step the helper sits in Crew.serve, a loop that
+# spins (then yields) until the calling thread posts a job: a plan's helper
+# part, as a C function and its state. The caller works on the same plan,
+# then takes the job back if the helper has not claimed it yet (it then
+# does that part itself: plans hand out their parts dynamically) or waits
+# until the helper is done. No future, no lock, no GIL and no wake-up
+# between the passes of a step: a thread pool's round trip costs about
+# 60 us, a layer's half of a forward 20-600 us.
+ctypedef void (*crew_job)(void* state) noexcept nogil
+
+cdef struct CrewState:
+    mg_atomic posted   # number of the last job posted
+    mg_atomic claim    # 2 j: job j awaits the helper; 2 j + 1: claimed by it, or taken back
+    mg_atomic out      # number of the last job the helper finished
+    mg_atomic closing  # set: serve returns once idle
+    mg_atomic helped   # jobs the helper has claimed and finished
+    mg_atomic serving  # a thread is inside serve
+    long job           # the caller's count of jobs posted
+    crew_job fn
+    void* arg
+
+
+cdef mg_atomic _NEVER = 0  # an abort flag that is never set
+
+
+cdef void _crew_serve(CrewState* c) noexcept nogil:
+    cdef long j, seen = -1
+    cdef int spins = 0
+    while True:
+        j = mg_load(&c.posted)
+        if j != seen:
+            seen = j
+            # fn and arg are read only after the claim: they were written
+            # before claim and posted were released, and not again until the
+            # caller is through with job j.
+            if mg_cas(&c.claim, 2 * j, 2 * j + 1):
+                c.fn(c.arg)
+                mg_fetch_add(&c.helped, 1)
+                mg_store(&c.out, j)
+            spins = 0
+            continue
+        if mg_load(&c.closing):
+            return
+        spins += 1
+        if spins < 20000:
+            MG_PAUSE()
+        else:
+            mg_yield()
+
+
+cdef inline void _crew_post(CrewState* c, crew_job fn, void* arg) noexcept nogil:
+    c.job += 1
+    c.fn = fn
+    c.arg = arg
+    mg_store(&c.claim, 2 * c.job)
+    mg_store(&c.posted, c.job)
+
+
+cdef inline void _crew_finish(CrewState* c) noexcept nogil:
+    if not mg_cas(&c.claim, 2 * c.job, 2 * c.job + 1):
+        mg_wait_ge(&c.out, c.job, &_NEVER)
+
+
+cdef class Crew:
+    """A helper thread's post box: run serve() on the helper thread; plans
+    given this crew (`run(crew)`) share their work with it until close().
+
+    serve() returns only after close() and once no job is running. A plan
+    never waits for a helper that has not claimed its part, so a crew whose
+    helper never comes only costs the caller the work.
+    """
+    cdef CrewState s
+
+    def __cinit__(self):
+        mg_store(&self.s.claim, 1)  # job 0 is no job: already taken back
+
+    def serve(self):
+        """The helper's loop (blocks, without the GIL, until close())."""
+        if mg_fetch_add(&self.s.serving, 1) != 0:
+            mg_fetch_add(&self.s.serving, -1)
+            raise RuntimeError("this crew already has a helper serving it")
+        with nogil:
+            _crew_serve(&self.s)
+        mg_fetch_add(&self.s.serving, -1)
+
+    @property
+    def serving(self):
+        """Whether a helper thread is inside serve() now."""
+        return mg_load(&self.s.serving) > 0
+
+    def open(self):
+        """Let serve() run until the next close()."""
+        mg_store(&self.s.closing, 0)
+
+    def close(self):
+        """Ask serve() to return once it is idle."""
+        mg_store(&self.s.closing, 1)
+
+    @property
+    def jobs_posted(self):
+        """Plan runs posted to the helper so far."""
+        return self.s.job
+
+    @property
+    def jobs_helped(self):
+        """Of those, the runs the helper took part in."""
+        return mg_load(&self.s.helped)
+
+
 cdef struct PlanState:
     LayerPlan* layers
     int n_layers
@@ -1062,24 +1178,32 @@ cdef struct PlanState:
     mg_atomic next_task
     mg_atomic aborted
     mg_atomic* dw_done
+    bint is_f32
+    bint halves        # a plan without tasks: split each input gradient in two parts
+    mg_atomic next_part
+    mg_atomic* part_done  # per layer: parts of the shared chain finished
+
+
+cdef inline void _layer_grad_pre(PlanState* s, LayerPlan* L, floating* tag) noexcept nogil:
+    """gpre = dLoss/d(dense output) from gout, through the layer's activation (and batch norm)."""
+    cdef Py_ssize_t size = <Py_ssize_t>s.n * L.d_out
+    if L.act == ACT_TANH:
+        tanh_backward_k(<floating*>L.y, <floating*>L.gout, <floating*>L.gpre, size)
+    elif L.act == ACT_RELU_BN:
+        batchnorm_backward_k(<floating*>L.y, <floating*>L.mean, <floating*>L.invstd,
+                             <floating*>L.gamma, <floating*>L.gout, <floating*>L.dgamma,
+                             <floating*>L.dbeta, <floating*>L.gpre, s.n, L.d_out)
+        relu_backward_k(<floating*>L.y, <floating*>L.gpre, <floating*>L.gpre, size)
+    elif L.act == ACT_RELU:
+        relu_backward_k(<floating*>L.y, <floating*>L.gout, <floating*>L.gpre, size)
 
 
 cdef void _plan_chain(PlanState* s, floating* tag) noexcept nogil:
     cdef int i
     cdef LayerPlan* L
-    cdef Py_ssize_t size
     for i in range(s.n_layers - 1, -1, -1):
         L = &s.layers[i]
-        size = <Py_ssize_t>s.n * L.d_out
-        if L.act == ACT_TANH:
-            tanh_backward_k(<floating*>L.y, <floating*>L.gout, <floating*>L.gpre, size)
-        elif L.act == ACT_RELU_BN:
-            batchnorm_backward_k(<floating*>L.y, <floating*>L.mean, <floating*>L.invstd,
-                                 <floating*>L.gamma, <floating*>L.gout, <floating*>L.dgamma,
-                                 <floating*>L.dbeta, <floating*>L.gpre, s.n, L.d_out)
-            relu_backward_k(<floating*>L.y, <floating*>L.gpre, <floating*>L.gpre, size)
-        elif L.act == ACT_RELU:
-            relu_backward_k(<floating*>L.y, <floating*>L.gout, <floating*>L.gpre, size)
+        _layer_grad_pre(s, L, tag)
         mg_store(&s.ready, i)
         if L.gx != NULL:
             dense_backward_k(<floating*>L.x, <floating*>L.w, <floating*>L.gpre,
@@ -1121,6 +1245,86 @@ cdef void _plan_tasks(PlanState* s, floating* tag) noexcept nogil:
                    <floating*>s.v + T.lo, T.hi - T.lo, s.lr, s.beta1, s.beta2, s.eps, s.step)
 
 
+# A plan without tasks (an input gradient only, as through D in the G update)
+# has nothing to offer a helper but the chain itself. Then the chain is cut
+# into parts, taken in order by whichever thread comes: per layer, last
+# first, its activation's backward (one part), then its input gradient
+# gx = gpre W^T in two column halves (W's rows lo..hi: contiguous). A part
+# waits only for parts before it, so one thread alone runs them all in order.
+
+cdef inline int _gx_parts(PlanState* s, LayerPlan* L) noexcept nogil:
+    if L.gx == NULL:
+        return 0
+    return 2 if s.halves and L.gx_split < L.d_in else 1
+
+
+cdef void _gx_columns(PlanState* s, LayerPlan* L, int lo, int hi, floating* tag) noexcept nogil:
+    gemm_rm(False, True, s.n, hi - lo, L.d_out, 1, <floating*>L.gpre, L.d_out,
+            <floating*>L.w + <Py_ssize_t>lo * L.d_out, L.d_out, 0, <floating*>L.gx + lo, L.d_in)
+
+
+cdef void _plan_parts(PlanState* s, floating* tag) noexcept nogil:
+    cdef long p
+    cdef int i, parts
+    cdef LayerPlan* L
+    while True:
+        p = mg_fetch_add(&s.next_part, 1)
+        i = s.n_layers - 1
+        while i >= 0:
+            parts = 1 + _gx_parts(s, &s.layers[i])
+            if p < parts:
+                break
+            p -= parts
+            i -= 1
+        if i < 0:
+            return
+        L = &s.layers[i]
+        if p == 0:
+            if i < s.n_layers - 1 and not mg_wait_ge(&s.part_done[i + 1],
+                                                     1 + _gx_parts(s, &s.layers[i + 1]), &s.aborted):
+                return
+            _layer_grad_pre(s, L, tag)
+        else:
+            if not mg_wait_ge(&s.part_done[i], 1, &s.aborted):
+                return
+            if _gx_parts(s, L) == 1:
+                _gx_columns(s, L, 0, L.d_in, tag)
+            elif p == 1:
+                _gx_columns(s, L, 0, L.gx_split, tag)
+            else:
+                _gx_columns(s, L, L.gx_split, L.d_in, tag)
+        mg_fetch_add(&s.part_done[i], 1)
+
+
+cdef void _plan_main(PlanState* s) noexcept nogil:
+    """The calling thread's part: the chain, then any tasks left."""
+    if s.n_tasks == 0:
+        if s.is_f32:
+            _plan_parts(s, <float*>NULL)
+        else:
+            _plan_parts(s, <double*>NULL)
+    elif s.is_f32:
+        _plan_chain(s, <float*>NULL)
+        _plan_tasks(s, <float*>NULL)
+    else:
+        _plan_chain(s, <double*>NULL)
+        _plan_tasks(s, <double*>NULL)
+
+
+cdef void _plan_help(void* state) noexcept nogil:
+    """A helper's part: tasks, or parts of a chain without tasks."""
+    cdef PlanState* s = <PlanState*>state
+    if s.n_tasks == 0:
+        if s.is_f32:
+            _plan_parts(s, <float*>NULL)
+        else:
+            _plan_parts(s, <double*>NULL)
+    elif s.is_f32:
+        _plan_tasks(s, <float*>NULL)
+    else:
+        _plan_tasks(s, <double*>NULL)
+
+
 cdef class BackwardPlan:
     """A network's backward pass over fixed buffers, checked once, run many times.
 
@@ -1150,6 +1354,7 @@ cdef class BackwardPlan:
     def __cinit__(self):
         self.s.layers = NULL
         self.s.dw_done = NULL
+        self.s.part_done = NULL
         self.s.dw_chunks = NULL
         self.s.tasks = NULL
         self.s.n_tasks = 0
@@ -1161,12 +1366,15 @@ cdef class BackwardPlan:
         self.keep = []
         t = _float_type("layers[0]['w']", layers[0]["w"])
         self.is_f32 = t == F32
+        self.s.is_f32 = self.is_f32
         self.param_grads = param_grads or adam is not None
         self.adam = adam is not None
         self.s.layers = <LayerPlan*>calloc(L, sizeof(LayerPlan))
         self.s.dw_done = <mg_atomic*>calloc(L, sizeof(mg_atomic))
+        self.s.part_done = <mg_atomic*>calloc(L, sizeof(mg_atomic))
         self.s.dw_chunks = <int*>calloc(L, sizeof(int))
-        if self.s.layers == NULL or self.s.dw_done == NULL or self.s.dw_chunks == NULL:
+        if (self.s.layers == NULL or self.s.dw_done == NULL or self.s.part_done == NULL
+                or self.s.dw_chunks == NULL):
             raise MemoryError()
         self.s.n_layers = L
         self.s.n = _check("layers[0]['x']", layers[0]["x"], t, 2).shape[0]
@@ -1258,6 +1466,9 @@ cdef class BackwardPlan:
                 _disjoint(f"{name}['gx']", gx, f"{name}['{other_name}']", other)
             arrays.append(gx)
             lp.gx = _lo(gx)
+            # Halves on a 16-column boundary (BLAS panels, 64-byte lines);
+            # an input narrower than 32 columns stays whole.
+            lp.gx_split = <int>d_in if d_in < 32 else <int>min(d_in, (d_in // 2 + 15) // 16 * 16)
         if i > 0:
             # The chain hands layer i's input gradient to layer i-1 as its gout.
             if gx is None or _lo(<cnp.ndarray>prev_gout) != _lo(gx):
@@ -1322,6 +1533,7 @@ cdef class BackwardPlan:
     def __dealloc__(self):
         free(self.s.layers)
         free(<void*>self.s.dw_done)
+        free(<void*>self.s.part_done)
         free(self.s.dw_chunks)
         free(self.s.tasks)
 
@@ -1334,17 +1546,26 @@ cdef class BackwardPlan:
     def n_tasks(self):
         return self.s.n_tasks
 
-    def start(self, *, double lr=0, double beta1=0, double beta2=0, double eps=1, long step=1):
-        """Reset the counters before a run (and set Adam's hyperparameters)."""
+    def start(self, *, double lr=0, double beta1=0, double beta2=0, double eps=1, long step=1,
+              bint halves=True):
+        """Reset the counters before a run (and set Adam's hyperparameters).
+
+        halves: a plan without tasks cuts each input gradient in two column
+        halves, so that a helper can share the chain. The cut is kept with
+        one thread too: BLAS may round a half-size product differently, and
+        a step should give the same bits whichever threads run it."""
         cdef int i
         if self.adam:
             _check_adam(lr, beta1, beta2, eps, step)
         self.s.lr, self.s.beta1, self.s.beta2, self.s.eps, self.s.step = lr, beta1, beta2, eps, step
+        self.s.halves = halves
         for i in range(self.s.n_layers):
             mg_store(&self.s.dw_done[i], 0)
+            mg_store(&self.s.part_done[i], 0)
         mg_store(&self.s.chain_done, self.s.n_layers)
         mg_store(&self.s.ready, self.s.n_layers)
         mg_store(&self.s.next_task, 0)
+        mg_store(&self.s.next_part, 0)
         mg_store(&self.s.aborted, 0)
 
     def abort(self):
@@ -1356,13 +1577,305 @@ cdef class BackwardPlan:
         """Run, without the GIL: the chain and then any tasks left (chain=True,
         exactly one caller per run), or tasks only (chain=False, a helper)."""
         cdef PlanState* s = &self.s
-        if self.is_f32:
-            with nogil:
-                if chain:
-                    _plan_chain(s, <float*>NULL)
-                _plan_tasks(s, <float*>NULL)
+        with nogil:
+            if chain:
+                _plan_main(s)
+            else:
+                _plan_help(s)
+
+    def run(self, Crew crew=None):
+        """One run after start(), without the GIL: on this thread alone, or
+        shared with crew's helper thread (which must be serving)."""
+        cdef PlanState* s = &self.s
+        cdef CrewState* c = NULL
+        if crew is not None and (s.n_tasks > 0 or s.halves):
+            c = &crew.s
+        with nogil:
+            if c != NULL:
+                _crew_post(c, _plan_help, s)
+            _plan_main(s)
+            if c != NULL:
+                _crew_finish(c)
+
+
+# ---------------------------------------------------------------------------
+# 7. The forward pass as one plan, shared by two threads column by column
+# ---------------------------------------------------------------------------
+# Every step of a layer's forward is local to a column of its output: the
+# GEMM's column j, its bias, ReLU or tanh, and batch norm's statistics of
+# column j. So a layer splits into two column halves, each done from GEMM to
+# batch norm by one thread (with one BLAS thread), and only the next layer
+# waits for both halves. Measured on the step's forward products, that beats
+# OpenBLAS's own two threads (benchmarks/gemm_split.py), and the elementwise
+# work is shared too.
+
+cdef struct FwdLayer:
+    char* x          # (n, d_in) the layer's input: the previous layer's output
+    char* w          # (d_in, d_out)
+    char* b          # (d_out,)
+    char* y          # (n, d_out) dense output, then ReLU/tanh applied in place
+    char* post       # relu_bn: (n, d_out) batch-norm output; else NULL
+    char* gamma      # relu_bn: (d_out,) each; else NULL
+    char* beta
+    char* run_mean
+    char* run_var
+    char* mean       # relu_bn: (groups, d_out) batch statistics; else NULL
+    char* invstd
+    int d_in
+    int d_out
+    int act
+    int split        # the second half starts at this column (d_out: one part)
+
+
+cdef struct FwdState:
+    FwdLayer* layers
+    int n_layers
+    int n
+    int groups
+    double momentum, eps
+    bint update_running
+    bint halves       # split layers in two parts (set per run by start)
+    mg_atomic next_part
+    mg_atomic aborted
+    mg_atomic* done   # per layer: parts finished
+    bint is_f32
+
+
+cdef inline int _fwd_parts(FwdState* s, FwdLayer* L) noexcept nogil:
+    return 2 if s.halves and L.split < L.d_out else 1
+
+
+cdef void _fwd_part(FwdState* s, FwdLayer* L, int lo, int hi, floating* tag) noexcept nogil:
+    """Columns [lo, hi) of one layer: bias, GEMM, activation, batch norm."""
+    cdef int n = s.n, d = L.d_out, cols = hi - lo, m = s.n // s.groups, g
+    cdef Py_ssize_t i
+    cdef floating* y = <floating*>L.y + lo
+    cdef floating* b = <floating*>L.b + lo
+    for i in range(n):
+        memcpy(y + i * d, b, cols * sizeof(floating))
+    gemm_rm(False, False, n, cols, L.d_in, 1, <floating*>L.x, L.d_in, <floating*>L.w + lo, d, 1, y, d)
+    if L.act == ACT_TANH:
+        for i in range(n):
+            tanh_forward_k(y + i * d, y + i * d, cols)
+    elif L.act == ACT_RELU or L.act == ACT_RELU_BN:
+        for i in range(n):
+            relu_forward_k(y + i * d, y + i * d, cols)
+    if L.act == ACT_RELU_BN:
+        # Group after group, as separate forwards of m rows would do.
+        for g in range(s.groups):
+            batchnorm_forward_k(y + <Py_ssize_t>g * m * d, <floating*>L.gamma + lo, <floating*>L.beta + lo,
+                                <floating*>L.run_mean + lo, <floating*>L.run_var + lo,
+                                <floating*>L.mean + <Py_ssize_t>g * d + lo,
+                                <floating*>L.invstd + <Py_ssize_t>g * d + lo,
+                                <floating*>L.post + <Py_ssize_t>g * m * d + lo,
+                                m, cols, s.momentum, s.eps, s.update_running, d)
+
+
+cdef void _fwd_work(FwdState* s, floating* tag) noexcept nogil:
+    cdef long p
+    cdef int i, parts
+    cdef FwdLayer* L
+    while True:
+        # Parts are taken in order, layer by layer: a part of layer i + 1 is
+        # taken only after both of layer i, so waiting on them cannot deadlock.
+        p = mg_fetch_add(&s.next_part, 1)
+        i = 0
+        while i < s.n_layers:
+            parts = _fwd_parts(s, &s.layers[i])
+            if p < parts:
+                break
+            p -= parts
+            i += 1
+        if i >= s.n_layers:
+            return
+        L = &s.layers[i]
+        if i > 0 and not mg_wait_ge(&s.done[i - 1], _fwd_parts(s, &s.layers[i - 1]), &s.aborted):
+            return
+        if _fwd_parts(s, L) == 1:
+            _fwd_part(s, L, 0, L.d_out, tag)
+        elif p == 0:
+            _fwd_part(s, L, 0, L.split, tag)
         else:
-            with nogil:
-                if chain:
-                    _plan_chain(s, <double*>NULL)
-                _plan_tasks(s, <double*>NULL)
+            _fwd_part(s, L, L.split, L.d_out, tag)
+        mg_fetch_add(&s.done[i], 1)
+
+
+cdef void _fwd_help(void* state) noexcept nogil:
+    cdef FwdState* s = <FwdState*>state
+    if s.is_f32:
+        _fwd_work(s, <float*>NULL)
+    else:
+        _fwd_work(s, <double*>NULL)
+
+
+cdef class ForwardPlan:
+    """A network's training forward over fixed buffers, checked once, run many times.
+
+    layers: one dict per dense layer, input layer first, with C-contiguous
+    arrays of one float dtype and n rows:
+        x (n, d_in): the network's input for layer 0, else the previous
+        layer's output (its 'post' for relu_bn, its 'y' otherwise);
+        w (d_in, d_out), b (d_out,), y (n, d_out): the dense output, then the
+        ReLU or tanh output in place;
+        act: "relu", "relu_bn" (hidden), "tanh" or "linear" (last layer);
+        for relu_bn: post (n, d_out) the batch-norm output; gamma, beta,
+        running_mean, running_var (d_out,); mean, invstd (groups, d_out).
+    groups: batch norm normalises each of `groups` equal row groups with its
+    own statistics (each at least 2 rows), the running statistics moved
+    group after group (with update_running).
+
+    `work` runs without the GIL; two threads may run it at once (see
+    mnistgan.parallel.run_plan), each taking half-layers in order.
+    """
+    cdef FwdState s
+    cdef bint is_f32
+    cdef list keep
+
+    def __cinit__(self):
+        self.s.layers = NULL
+        self.s.done = NULL
+
+    def __init__(self, layers, *, int groups=1, double momentum=0.1, double eps=1e-5,
+                 bint update_running=True):
+        cdef int i, L = len(layers)
+        if L < 1:
+            raise ValueError("a plan needs at least one layer")
+        if not (eps > 0):
+            raise ValueError(f"eps must be > 0, got {eps}")
+        if not (0 <= momentum <= 1):
+            raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+        cdef int t = _float_type("layers[0]['w']", layers[0]["w"])
+        self.is_f32 = t == F32
+        self.s.is_f32 = self.is_f32
+        self.keep = []
+        x0 = _check("layers[0]['x']", layers[0]["x"], t, 2)
+        cdef int n = x0.shape[0]
+        if n < 1:
+            raise ValueError("layers[0]['x'] has no rows")
+        if groups < 1 or n % groups:
+            raise ValueError(f"groups={groups} must divide the {n} rows")
+        self.s.layers = <FwdLayer*>calloc(L, sizeof(FwdLayer))
+        self.s.done = <mg_atomic*>calloc(L, sizeof(mg_atomic))
+        if self.s.layers == NULL or self.s.done == NULL:
+            raise MemoryError()
+        self.s.n_layers = L
+        self.s.n = n
+        self.s.groups = groups
+        self.s.momentum = momentum
+        self.s.eps = eps
+        self.s.update_running = update_running
+        prev_out = None
+        for i in range(L):
+            prev_out = self._add_layer(i, layers[i], t, L, prev_out)
+
+    cdef object _add_layer(self, int i, dict spec, int t, int L, object prev_out):
+        cdef FwdLayer* lp = &self.s.layers[i]
+        cdef int n = self.s.n
+        name = f"layers[{i}]"
+        act = spec.get("act")
+        if act not in _ACTIVATIONS:
+            raise ValueError(f"{name}['act'] must be one of {sorted(_ACTIVATIONS)}, got {act!r}")
+        lp.act = _ACTIVATIONS[act]
+        if (lp.act == ACT_TANH or lp.act == ACT_LINEAR) != (i == L - 1):
+            raise ValueError(f"{name}: 'tanh' and 'linear' are for the last layer, 'relu' and 'relu_bn' for the others")
+        w = _check(f"{name}['w']", spec["w"], t, 2)
+        cdef Py_ssize_t d_in = w.shape[0], d_out = w.shape[1]
+        if d_in < 1 or d_out < 1:
+            raise ValueError(f"{name}['w'] has shape {_shape(w)}: both dimensions must be >= 1")
+        x = _check(f"{name}['x']", spec["x"], t, 2, n, d_in)
+        if i > 0 and _lo(x) != _lo(<cnp.ndarray>prev_out):
+            raise ValueError(f"{name}['x'] must be the output of layers[{i - 1}]")
+        b = _check(f"{name}['b']", spec["b"], t, 1, d_out)
+        y = _out(f"{name}['y']", spec["y"], t, 2, n, d_out)
+        for o_name, o in (("x", x), ("w", w), ("b", b)):
+            _disjoint(f"{name}['y']", y, f"{name}['{o_name}']", o)
+        arrays = [x, w, b, y]
+        out = y
+        if lp.act == ACT_RELU_BN:
+            m = n // self.s.groups
+            if m < 2:
+                raise ValueError(f"batch norm needs at least 2 rows per group, got {m}")
+            post = _out(f"{name}['post']", spec["post"], t, 2, n, d_out)
+            vecs = [_check(f"{name}['{k}']", spec[k], t, 1, d_out) for k in ("gamma", "beta")]
+            vecs += [_out(f"{name}['{k}']", spec[k], t, 1, d_out) for k in ("running_mean", "running_var")]
+            stats = [_out(f"{name}['{k}']", spec[k], t, 2, self.s.groups, d_out) for k in ("mean", "invstd")]
+            written = [("post", post), ("running_mean", vecs[2]), ("running_var", vecs[3]),
+                       ("mean", stats[0]), ("invstd", stats[1])]
+            read = [("x", x), ("w", w), ("b", b), ("y", y), ("gamma", vecs[0]), ("beta", vecs[1])]
+            for k, (a_name, a) in enumerate(written):
+                for o_name, o in read + written[:k]:
+                    _disjoint(f"{name}['{a_name}']", a, f"{name}['{o_name}']", o)
+            arrays += [post] + vecs + stats
+            lp.post = _lo(post)
+            lp.gamma = _lo(<cnp.ndarray>vecs[0])
+            lp.beta = _lo(<cnp.ndarray>vecs[1])
+            lp.run_mean = _lo(<cnp.ndarray>vecs[2])
+            lp.run_var = _lo(<cnp.ndarray>vecs[3])
+            lp.mean = _lo(<cnp.ndarray>stats[0])
+            lp.invstd = _lo(<cnp.ndarray>stats[1])
+            out = post
+        lp.x = _lo(x)
+        lp.w = _lo(w)
+        lp.b = _lo(b)
+        lp.y = _lo(y)
+        lp.d_in = <int>d_in
+        lp.d_out = <int>d_out
+        # Halves on a 16-column boundary (BLAS panels, 64-byte lines); a
+        # layer narrower than 32 columns stays whole.
+        lp.split = <int>d_out if d_out < 32 else <int>min(d_out, (d_out // 2 + 15) // 16 * 16)
+        self.keep.extend(arrays)
+        return out
+
+    def __dealloc__(self):
+        free(self.s.layers)
+        free(<void*>self.s.done)
+
+    @property
+    def n(self):
+        """Rows of the batch the plan was made for."""
+        return self.s.n
+
+    @property
+    def n_tasks(self):
+        """Parts to run in this run (a helper thread has work when this is > 1)."""
+        cdef int i, k = 0
+        for i in range(self.s.n_layers):
+            k += _fwd_parts(&self.s, &self.s.layers[i])
+        return k
+
+    def start(self, *, bint halves=True):
+        """Reset the counters before a run. halves=False: every layer in one
+        part. Halves are the default with one thread too: BLAS may round a
+        half-size product differently, and a pass should give the same bits
+        whichever threads run it."""
+        cdef int i
+        self.s.halves = halves
+        for i in range(self.s.n_layers):
+            mg_store(&self.s.done[i], 0)
+        mg_store(&self.s.next_part, 0)
+        mg_store(&self.s.aborted, 0)
+
+    def abort(self):
+        """Release a helper waiting for a part that will not run."""
+        mg_store(&self.s.aborted, 1)
+
+    def work(self, bint chain=True):
+        """Take half-layers until none are left, without the GIL (chain: unused,
+        for the same calling convention as BackwardPlan.work)."""
+        with nogil:
+            _fwd_help(&self.s)
+
+    def run(self, Crew crew=None):
+        """One run after start(), without the GIL: on this thread alone, or
+        shared with crew's helper thread (which must be serving)."""
+        cdef FwdState* s = &self.s
+        cdef CrewState* c = NULL
+        if crew is not None and s.halves:
+            c = &crew.s
+        with nogil:
+            if c != NULL:
+                _crew_post(c, _fwd_help, s)
+            _fwd_help(s)
+            if c != NULL:
+                _crew_finish(c)
+

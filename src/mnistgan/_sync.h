@@ -1,6 +1,6 @@
-/* The few atomics the pipelined backward (BackwardPlan in _kernels.pyx)
- * needs to hand work between two threads without a lock: acquire loads,
- * release stores, a fetch-and-add, and a polite spin. */
+/* The few atomics the plans (BackwardPlan, ForwardPlan in _kernels.pyx)
+ * need to hand work between two threads without a lock: acquire loads,
+ * release stores, a fetch-and-add, a compare-and-swap, and a polite spin. */
 #ifndef MNISTGAN_SYNC_H
 #define MNISTGAN_SYNC_H
 
@@ -10,6 +10,9 @@ typedef volatile long mg_atomic;
 static inline long mg_load(mg_atomic *p) { return InterlockedCompareExchange(p, 0, 0); }
 static inline void mg_store(mg_atomic *p, long v) { InterlockedExchange(p, v); }
 static inline long mg_fetch_add(mg_atomic *p, long v) { return InterlockedExchangeAdd(p, v); }
+static inline int mg_cas(mg_atomic *p, long expected, long desired) {
+    return InterlockedCompareExchange(p, desired, expected) == expected;
+}
 static inline void mg_yield(void) { SwitchToThread(); }
 #define MG_PAUSE() YieldProcessor()
 #else
@@ -18,6 +21,9 @@ typedef volatile long mg_atomic;
 static inline long mg_load(mg_atomic *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
 static inline void mg_store(mg_atomic *p, long v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
 static inline long mg_fetch_add(mg_atomic *p, long v) { return __atomic_fetch_add(p, v, __ATOMIC_ACQ_REL); }
+static inline int mg_cas(mg_atomic *p, long expected, long desired) {
+    return __atomic_compare_exchange_n(p, &expected, desired, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+}
 static inline void mg_yield(void) { sched_yield(); }
 #if defined(__x86_64__) || defined(__i386__)
 #define MG_PAUSE() __builtin_ia32_pause()

@@ -18,8 +18,9 @@ One step (`train_step`):
      BCE(D(fake), 1). Only the input gradient flows back through D; D's
      weight gradients are not computed. G backpropagates the second half of
      its forward only. Adam on G, inside G's backward.
-With two or more BLAS threads each backward is shared with a helper thread
-(mnistgan.parallel); the order of the arithmetic does not change.
+With two or more BLAS threads the step runs as a helper session
+(mnistgan.parallel): BLAS on one thread, every forward and backward shared
+with a helper thread; the arithmetic, and so the result, is the same.
 Instance noise: every image D sees gets std * N(0, 1) added (real and fake).
 
 Random draws, in this order per step: z (2B, latent: rows for the D update,
@@ -37,7 +38,7 @@ import numpy as np
 
 from . import _kernels as K
 from .config import Config
-from .parallel import HELPER_ADVISED, blas_threads
+from .parallel import HELPER_ADVISED, blas_threads, helper_session
 from .network import DenseStack
 
 
@@ -87,9 +88,10 @@ class GAN:
         self._d_grad_out = self.D.grad_output(2 * B)
         self._g_grad_out = self.D.grad_output(B)
         self.steps = 0
-        # Share each backward with a helper thread when BLAS may use >= 2
+        # Share each step with a helper thread when BLAS may use >= 2
         # threads (mnistgan.parallel). None: where that is expected to pay.
         self.parallel = HELPER_ADVISED if parallel is None else bool(parallel)
+        self._crew = K.Crew()
 
     @property
     def batch_size(self) -> int:
@@ -104,22 +106,22 @@ class GAN:
         else:
             self.noise[...] = 0
 
-    def _discriminator_loss(self, fake: np.ndarray, std: float) -> tuple[float, float, float]:
+    def _discriminator_loss(self, fake: np.ndarray, std: float, crew=None) -> tuple[float, float, float]:
         """D loss, its gradient in _d_grad_out, from the real rows of d_input,
         the fake batch (B, image_dim) and the first 2B rows of noise."""
         K.add_noise(self._real, self._noise_real, std, self._real)
         K.add_noise(fake, self._noise_fake, std, self._fake)
-        logits = self.D.forward(self.d_input)
+        logits = self.D.forward(self.d_input, crew=crew)
         loss = K.sigmoid_bce(logits, self.d_targets, self.probs, self._d_grad_out)
         return loss, float(self._probs_real.mean()), float(self._probs_fake.mean())
 
-    def _generator_loss(self, fake: np.ndarray, std: float) -> tuple[float, np.ndarray]:
+    def _generator_loss(self, fake: np.ndarray, std: float, crew=None) -> tuple[float, np.ndarray]:
         """G loss and its gradient w.r.t. the fake batch (B, image_dim), with the last B rows of noise."""
         K.add_noise(fake, self._noise_g, std, self.g_input)
-        logits = self.D.forward(self.g_input)
+        logits = self.D.forward(self.g_input, crew=crew)
         loss = K.sigmoid_bce(logits, self.g_targets, self._probs_g, self._g_grad_out)
         # Noise is additive, so d loss / d fake = d loss / d (fake + noise).
-        d_fake = self.D.backward(self._g_grad_out, param_grads=False)
+        d_fake = self.D.backward(self._g_grad_out, param_grads=False, crew=crew)
         return loss, d_fake
 
     # -- public ------------------------------------------------------------------
@@ -133,16 +135,17 @@ class GAN:
             raise ValueError(f"images has shape {getattr(images, 'shape', None)}, expected (N, {c.image_dim})")
         if getattr(idx, "shape", None) != (c.batch_size,):
             raise ValueError(f"idx has shape {getattr(idx, 'shape', None)}, expected ({c.batch_size},)")
-        parallel = self.parallel and blas_threads() >= 2
         B = c.batch_size
-        K.gather_batch(images, idx, self._real)
-        self._draw(noise_std)
-        fakes = self.G.forward(self.z, train=True, groups=2)
-        d_loss, d_real, d_fake = self._discriminator_loss(fakes[:B], noise_std)
-        self.D.backward_and_update(self._d_grad_out, c.lr, c.beta1, c.beta2, c.adam_eps, parallel=parallel)
-        g_loss, grad_fake = self._generator_loss(fakes[B:], noise_std)
-        self.G.backward_and_update(grad_fake, c.lr, c.beta1, c.beta2, c.adam_eps, parallel=parallel,
-                                   group=1)
+        shared = self.parallel and blas_threads() >= 2
+        with helper_session(self._crew if shared else None) as crew:
+            K.gather_batch(images, idx, self._real)
+            self._draw(noise_std)
+            fakes = self.G.forward(self.z, train=True, groups=2, crew=crew)
+            d_loss, d_real, d_fake = self._discriminator_loss(fakes[:B], noise_std, crew)
+            self.D.backward_and_update(self._d_grad_out, c.lr, c.beta1, c.beta2, c.adam_eps, crew=crew)
+            g_loss, grad_fake = self._generator_loss(fakes[B:], noise_std, crew)
+            self.G.backward_and_update(grad_fake, c.lr, c.beta1, c.beta2, c.adam_eps, crew=crew,
+                                       group=1)
         self.steps += 1
         return StepStats(d_loss, g_loss, d_real, d_fake)
 

@@ -20,7 +20,6 @@ import math
 import numpy as np
 
 from . import _kernels as K
-from .parallel import run_plan
 
 OUTPUTS = ("tanh", "linear")
 
@@ -84,7 +83,7 @@ class DenseStack:
         self._allocate_activations(input_grad)
         self._views: dict[tuple, _Views] = {}
         self._plans: dict[tuple, tuple] = {}
-        self._cuts: dict[tuple, list] = {}
+        self._forward_plans: dict[tuple, tuple] = {}
         self._last_input = None
         self._last_n = 0
         self._last_groups = 1
@@ -189,24 +188,10 @@ class DenseStack:
             v = self._views[(start, n)] = _Views(self, start, start + n)
         return v
 
-    def _group_cuts(self, n: int, groups: int) -> list:
-        """Per hidden layer, per group of a forward of n rows in `groups`
-        groups: (dense output, batch-norm output, batch mean, batch invstd)
-        views. Cut on first use, then reused, so a step allocates nothing."""
-        key = (n, groups)
-        cuts = self._cuts.get(key)
-        if cuts is None:
-            v, m = self.views(n), n // groups
-            cuts = self._cuts[key] = [
-                [(v.pre[i][g * m:(g + 1) * m], v.post[i][g * m:(g + 1) * m],
-                  self._batch_mean[i][g], self._batch_invstd[i][g]) for g in range(groups)]
-                for i in range(self.n_layers - 1)]
-        return cuts
-
     # -- forward and backward ----------------------------------------------
 
     def forward(self, x: np.ndarray, *, train: bool = True, update_running: bool = True,
-                groups: int = 1):
+                groups: int = 1, crew=None):
         """Run the network on x (n, sizes[0]); returns the output view (n, sizes[-1]).
 
         train=True uses batch statistics in batch norm (and, with
@@ -215,7 +200,10 @@ class DenseStack:
         equal groups normalised each with its own statistics, the running
         statistics moved group after group: exactly k forwards of n/k rows,
         with larger GEMMs. The returned array is an internal buffer,
-        overwritten by the next forward.
+        overwritten by the next forward. A training forward (and any forward
+        of a network without batch norm) runs as one ForwardPlan; with a
+        crew (mnistgan.parallel.helper_session) it is shared with the
+        helper thread, half of every layer each, with the same result.
         """
         n = x.shape[0] if x.ndim == 2 else -1
         v = self.views(n) if n >= 1 else None
@@ -227,33 +215,51 @@ class DenseStack:
         if train and self.hidden_batchnorm and n // groups < 2:
             raise ValueError(f"{self.name}: batch norm in training mode needs at least 2 rows "
                              f"per group, got {n // groups}")
-        cuts = self._group_cuts(n, groups) if train and self.hidden_batchnorm else None
         last = self.n_layers - 1
-        a = x
-        for i in range(self.n_layers):
-            h = v.pre[i]
-            K.dense_forward(a, self.W[i], self.b[i], h)
-            if i < last:
-                K.relu_forward(h, h)
-                if self.hidden_batchnorm:
-                    if train:
-                        for h_g, post_g, mean_g, invstd_g in cuts[i]:
-                            K.batchnorm_forward(h_g, self.gamma[i], self.beta[i],
-                                                self.running_mean[i], self.running_var[i],
-                                                mean_g, invstd_g, post_g,
-                                                momentum=self.bn_momentum, eps=self.bn_eps,
-                                                update_running=update_running)
-                    else:
-                        K.batchnorm_eval(h, self.gamma[i], self.beta[i], self.running_mean[i],
-                                         self.running_var[i], v.post[i], eps=self.bn_eps)
-                a = v.post[i]
-            elif self.output == "tanh":
-                K.tanh_forward(h, h)
+        if train or not self.hidden_batchnorm:
+            plan = self._forward_plan(x, n, groups, update_running)
+            plan.start()
+            plan.run(crew)
+        else:  # evaluation with running statistics: not on the training path
+            a = x
+            for i in range(self.n_layers):
+                h = v.pre[i]
+                K.dense_forward(a, self.W[i], self.b[i], h)
+                if i < last:
+                    K.relu_forward(h, h)
+                    K.batchnorm_eval(h, self.gamma[i], self.beta[i], self.running_mean[i],
+                                     self.running_var[i], v.post[i], eps=self.bn_eps)
+                    a = v.post[i]
+                elif self.output == "tanh":
+                    K.tanh_forward(h, h)
         self._last_input = x
         self._last_n = n
         self._last_groups = groups
         self._last_train = train
         return v.pre[last]
+
+    def _forward_plan(self, x: np.ndarray, n: int, groups: int, update_running: bool) -> K.ForwardPlan:
+        """The forward plan for input x (n rows), made on first use and kept
+        while the input stays the same array (the GAN's buffers always do)."""
+        key = (n, groups, update_running)
+        hit = self._forward_plans.get(key)
+        if hit is not None and hit[0] is x:
+            return hit[1]
+        v = self.views(n)
+        last = self.n_layers - 1
+        layers = []
+        for i in range(self.n_layers):
+            act = ("relu_bn" if self.hidden_batchnorm else "relu") if i < last else self.output
+            spec = dict(x=x if i == 0 else v.post[i - 1], w=self.W[i], b=self.b[i], y=v.pre[i], act=act)
+            if act == "relu_bn":
+                spec.update(post=v.post[i], gamma=self.gamma[i], beta=self.beta[i],
+                            running_mean=self.running_mean[i], running_var=self.running_var[i],
+                            mean=self._batch_mean[i][:groups], invstd=self._batch_invstd[i][:groups])
+            layers.append(spec)
+        plan = K.ForwardPlan(layers, groups=groups, momentum=self.bn_momentum, eps=self.bn_eps,
+                             update_running=update_running)
+        self._forward_plans[key] = (x, plan)
+        return plan
 
     def grad_output(self, n: int) -> np.ndarray:
         """The buffer (n, sizes[-1]) in which to write dLoss/dOutput before backward."""
@@ -310,7 +316,7 @@ class DenseStack:
         return n, group * n
 
     def backward(self, grad_out: np.ndarray, *, param_grads: bool = True, input_grad: bool = True,
-                 group: int = 0):
+                 group: int = 0, crew=None):
         """Backpropagate grad_out (n, sizes[-1]) through the last forward pass.
 
         param_grads=True writes every parameter gradient into `grads`
@@ -319,30 +325,33 @@ class DenseStack:
         After a forward in groups, `group` picks the rows to backpropagate
         (n = rows per group); the other groups take no part.
         Returns the input gradient (n, sizes[0]) if the network has an input
-        gradient buffer and input_grad is set, else None.
+        gradient buffer and input_grad is set, else None. With a crew
+        (mnistgan.parallel.helper_session) the helper thread takes the weight
+        gradients, or without them half of each input gradient.
         """
         n, start = self._start_backward(grad_out, group)
         want_input = input_grad and self._ginput is not None
         plan = self._plan(n, group, param_grads=param_grads, input_grad=want_input, adam=False)
         plan.start()
-        plan.work(True)
+        plan.run(crew)
         return self.views(n, start).ginput if want_input else None
 
     def backward_and_update(self, grad_out: np.ndarray, lr: float, beta1: float, beta2: float,
-                            eps: float, *, parallel: bool = False, group: int = 0):
+                            eps: float, *, crew=None, group: int = 0):
         """backward(grad_out, group=group) and then adam_update(...), as one pass.
 
         Each layer's Adam step runs as soon as its gradients are final and
-        the backward no longer reads its weights. parallel=True shares the
-        work with a helper thread (BLAS is held to one thread meanwhile; see
-        mnistgan.parallel). The result is the same either way, bit for bit.
+        the backward no longer reads its weights. With a crew
+        (mnistgan.parallel.helper_session) the helper thread takes the weight
+        gradients and Adam steps as the chain makes them possible. The result
+        is the same either way, bit for bit.
         The input gradient is not computed.
         """
         n, _ = self._start_backward(grad_out, group)
         plan = self._plan(n, group, param_grads=True, input_grad=False, adam=True)
         plan.start(lr=lr, beta1=beta1, beta2=beta2, eps=eps, step=self.adam_steps + 1)
         self.adam_steps += 1
-        run_plan(plan, parallel)
+        plan.run(crew)
 
     # -- optimizer ----------------------------------------------------------
 

@@ -1,13 +1,15 @@
-"""Threads: how many BLAS may use, and the one helper thread of the backward.
+"""Threads: how many BLAS may use, and the one helper thread of a step.
 
-Small GEMMs split across cores waste much of the time (OpenBLAS gets about
-1.5x on two cores for this model's shapes), so the backward pass runs
-differently: the calling thread walks the gradient chain while a helper
-thread computes weight gradients and Adam steps beside it (a
-`_kernels.BackwardPlan`), each thread calling BLAS with one thread. BLAS's
-thread count is process-wide, so it is lowered to 1 for the length of such a
-backward and put back afterwards; nothing else should call BLAS from another
-thread meanwhile.
+Small GEMMs split across cores by BLAS waste much of the time (OpenBLAS gets
+about 1.5x on two cores for this model's shapes, while two one-thread GEMMs
+side by side get 1.9x). So with two or more BLAS threads allowed, a training
+step runs as a helper session: BLAS is held to one thread, and a helper
+thread sits in a `_kernels.Crew` loop without the GIL for the length of the
+step. Every pass of the step is a plan shared with it: forwards and the
+input gradient through D half a layer each, backward passes as a chain on
+the calling thread with weight gradients and Adam steps beside it.
+BLAS's thread count is process-wide, so nothing else should call BLAS from
+another thread meanwhile.
 
 The thread budget is whatever BLAS is allowed, which is how the command line's
 --threads and threadpoolctl's `threadpool_limits` already express it: with
@@ -16,6 +18,8 @@ one BLAS thread everything runs on the calling thread.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import itertools
 import os
 import sys
 import threading
@@ -40,44 +44,81 @@ if not _user_set_timeout and not _blas_already_loaded:
 HELPER_ADVISED = _user_set_timeout or not _blas_already_loaded
 
 _lock = threading.Lock()
-_blas = None        # threadpoolctl controllers of the loaded BLAS libraries
+_blas = None        # a _Blas per BLAS library loaded
 _executor = None
 
 
-def _blas_controllers() -> list:
+class _Blas:
+    """One BLAS library's thread count. OpenBLAS's C functions are resolved
+    once: threadpoolctl looks them up anew on every call, which costs a
+    little time and, through ctypes, memory that is never given back (about
+    3 bytes a call), and a training step asks twice. Other libraries go
+    through threadpoolctl."""
+
+    def __init__(self, controller):
+        self.controller = controller
+        self._get = self._set = None
+        if controller.internal_api != "openblas":
+            return
+        try:
+            lib = ctypes.CDLL(controller.filepath)
+        except OSError:
+            return
+        # The names threadpoolctl knows: scipy's and numpy's builds add affixes.
+        for prefix, suffix in itertools.product(("", "scipy_"), ("", "64_", "_64")):
+            get = getattr(lib, f"{prefix}openblas_get_num_threads{suffix}", None)
+            put = getattr(lib, f"{prefix}openblas_set_num_threads{suffix}", None)
+            if get is not None and put is not None:
+                get.argtypes, get.restype = [], ctypes.c_int
+                put.argtypes, put.restype = [ctypes.c_int], None
+                self._get, self._set = get, put
+                return
+
+    def num_threads(self) -> int:
+        return int(self._get() if self._get is not None else self.controller.num_threads)
+
+    def set_num_threads(self, n: int):
+        if self._set is not None:
+            self._set(n)
+        else:
+            self.controller.set_num_threads(n)
+
+
+def _blas_libraries() -> list:
     global _blas
-    if _blas is None:
-        from threadpoolctl import ThreadpoolController
+    with _lock:
+        if _blas is None:
+            from threadpoolctl import ThreadpoolController
 
-        # Import scipy's BLAS first, so that the controller sees the library
-        # our kernels call (scipy.linalg.cython_blas), not only numpy's.
-        import scipy.linalg.cython_blas  # noqa: F401
+            # Import scipy's BLAS first, so that the controller sees the library
+            # our kernels call (scipy.linalg.cython_blas), not only numpy's.
+            import scipy.linalg.cython_blas  # noqa: F401
 
-        _blas = [c for c in ThreadpoolController().lib_controllers if c.user_api == "blas"]
-    return _blas
+            _blas = [_Blas(c) for c in ThreadpoolController().lib_controllers if c.user_api == "blas"]
+        return _blas
 
 
 def blas_threads() -> int:
     """Threads BLAS may use now (the smallest over the BLAS libraries loaded);
     1 when no BLAS can be controlled (then no helper thread is used)."""
-    libs = _blas_controllers()
+    libs = _blas_libraries()
     if not libs:
         return 1
-    return max(1, min(int(c.num_threads) for c in libs))
+    return max(1, min(lib.num_threads() for lib in libs))
 
 
 @contextlib.contextmanager
 def blas_single_threaded():
     """BLAS held to one thread inside the block; restored on the way out."""
-    libs = _blas_controllers()
-    before = [int(c.num_threads) for c in libs]
-    for c in libs:
-        c.set_num_threads(1)
+    libs = _blas_libraries()
+    before = [lib.num_threads() for lib in libs]
+    for lib in libs:
+        lib.set_num_threads(1)
     try:
         yield
     finally:
-        for c, n in zip(libs, before):
-            c.set_num_threads(n)
+        for lib, n in zip(libs, before):
+            lib.set_num_threads(n)
 
 
 def _helper() -> ThreadPoolExecutor:
@@ -88,23 +129,25 @@ def _helper() -> ThreadPoolExecutor:
         return _executor
 
 
-def run_plan(plan, parallel: bool):
-    """Run a BackwardPlan that start() has reset: alone, or with the helper.
-
-    Returns only once the helper is done with the plan's memory, even if
-    the calling thread is interrupted (KeyboardInterrupt) meanwhile.
+@contextlib.contextmanager
+def helper_session(crew):
+    """With a `_kernels.Crew`: its helper thread serves plans (`plan.run(crew)`)
+    until the block ends, with BLAS held to one thread; yields the crew. With
+    None: yields None and changes nothing. On the way out, even on an
+    exception or a KeyboardInterrupt, waits until the helper has left the
+    crew's loop. Sessions of two crews at once (two models stepped from two
+    threads) are correct but take turns with the one helper thread.
     """
-    if not parallel or plan.n_tasks == 0:
-        plan.work(True)
+    if crew is None:
+        yield None
         return
     with blas_single_threaded():
-        future = _helper().submit(plan.work, False)
+        crew.open()
+        future = _helper().submit(crew.serve)
         try:
-            plan.work(True)
-        except BaseException:
-            plan.abort()  # the chain may not have run: release the helper
-            raise
+            yield crew
         finally:
+            crew.close()
             _wait(future)
 
 
@@ -114,7 +157,7 @@ def _wait(future):
         try:
             future.result()
             break
-        except KeyboardInterrupt as e:  # keep waiting; the helper holds our buffers
+        except KeyboardInterrupt as e:  # keep waiting; the helper may hold our buffers
             interrupted = e
     if interrupted is not None:
         raise interrupted
