@@ -235,7 +235,8 @@ def _layers(n=4, dtype=np.float64, sizes=(3, 5, 2)):
 def test_plan_accepts_consistent_buffers():
     layers, flat = _layers()
     plan = K.BackwardPlan(layers, param_grads=True, adam=flat)
-    assert plan.n == 4 and plan.n_tasks >= 4
+    # G(1), X(1); G(0), the block of layer 1; the block of layer 0.
+    assert plan.n == 4 and plan.n_items == 5
 
 
 @pytest.mark.parametrize("change, message", [
@@ -247,9 +248,12 @@ def test_plan_accepts_consistent_buffers():
     (lambda L, f: L[1].update(gpre=L[1]["gout"][:, :1].copy().reshape(4, 1)), "layers\\[1\\]\\['gpre'\\]"),
     (lambda L, f: L[1].update(dw=L[1]["x"][:, :2].copy()), "layers\\[1\\]\\['dw'\\] has shape"),
     (lambda L, f: L[1].update(p_lo=19), "'w' does not start the layer's slice"),
-    (lambda L, f: L[0].update(p_size=21), "overlap"),
+    (lambda L, f: L[1].update(w=f[0][15:25].reshape(5, 2), dw=f[1][15:25].reshape(5, 2), db=f[1][25:27],
+                              p_lo=15, p_size=12), "overlap"),
     (lambda L, f: L[1].update(p_size=40), "outside the 32 flat parameters"),
     (lambda L, f: L[0].update(db=f[0][15:20]), "'db' is not inside the layer's slice of the flat gradients"),
+    (lambda L, f: (L[0].update(dw=f[1][1:16].reshape(3, 5), db=f[1][16:21]), L[1].update(p_lo=21, p_size=11)),
+     "'dw' does not start the layer's slice"),
     (lambda L, f: L[0].update(dw=np.zeros((5, 3)).T), "must be C-contiguous"),
 ])
 def test_plan_refuses_inconsistent_buffers(change, message):
@@ -268,16 +272,15 @@ def test_plan_refuses_bad_adam_settings():
             plan.start(**{**dict(lr=0.1, beta1=0.5, beta2=0.9, eps=1e-8, step=1), **kwargs})
 
 
-def test_abort_releases_a_waiting_helper_without_touching_memory():
-    layers, flat = _layers()
-    flat[1][...] = 7.0  # gradients: a task that ran would overwrite them
-    plan = K.BackwardPlan(layers, param_grads=True, adam=flat)
-    plan.start(lr=0.1, beta1=0.5, beta2=0.9, eps=1e-8, step=1)
-    helper = threading.Thread(target=plan.work, args=(False,))
-    helper.start()
-    time.sleep(0.05)
-    assert helper.is_alive()  # waiting for a chain that never runs
-    plan.abort()
-    helper.join(timeout=10)
-    assert not helper.is_alive()
-    assert np.all(flat[1] == 7.0) and np.all(flat[0] == 0)
+def test_plan_refuses_a_slice_with_room_for_more_than_the_layer():
+    """Adam steps the parameters at their gradients' places: a slice with a
+    gap would leave parameters out, so it is refused."""
+    layers, _ = _layers()
+    flat = [np.zeros(33) for _ in range(4)]
+    p, g = flat[0], flat[1]
+    layers[0].update(w=p[:15].reshape(3, 5), dw=g[:15].reshape(3, 5), db=g[15:20])
+    layers[1].update(w=p[20:30].reshape(5, 2), dw=g[20:30].reshape(5, 2), db=g[30:32], p_size=13)
+    with pytest.raises(ValueError, match="must hold exactly the layer's 12 parameters"):
+        K.BackwardPlan(layers, param_grads=True, adam=flat)
+    layers[1].update(p_size=12)
+    K.BackwardPlan(layers, param_grads=True, adam=flat)

@@ -44,7 +44,6 @@ cdef extern from "_sync.h" nogil:
     void mg_store(mg_atomic* p, long v)
     long mg_fetch_add(mg_atomic* p, long v)
     bint mg_cas(mg_atomic* p, long expected, long desired)
-    bint mg_wait_le(mg_atomic* p, long bound, mg_atomic* abort)
     bint mg_wait_ge(mg_atomic* p, long bound, mg_atomic* abort)
     void mg_yield()
     void MG_PAUSE()
@@ -976,80 +975,8 @@ def all_finite(X):
 
 
 # ---------------------------------------------------------------------------
-# 7. The backward plan: a whole backward pass, and its Adam step, in one call
+# 7. The crew: a helper thread for the plans
 # ---------------------------------------------------------------------------
-# Backpropagation through a stack is one chain that cannot be split: the
-# gradient of layer i's input needs that of its output. The weight gradients
-# (dW = X^T dY) and the Adam update of each layer hang off that chain but do
-# not feed it. So a plan runs the chain on the calling thread and offers the
-# rest as tasks, in the order they become possible:
-#     dW(L-1), Adam(L-1), dW(L-2), Adam(L-2), ..., dW(0), Adam(0),
-# each cut into blocks (dW by columns, Adam by runs of parameters) so that
-# the last layer's big dW and Adam do not leave one thread idle at the end.
-# A second thread (see network.py) takes tasks as soon as their inputs exist;
-# the chain thread takes what is left once the chain is done. On two cores
-# each thread calls 1-thread BLAS on a whole product, which wastes less than
-# one GEMM split across both cores. With one thread the same code runs the
-# chain and then every task in order: one path, whichever threads there are.
-#
-# Three counters order the threads (acquire/release atomics, _sync.h):
-#   ready      = lowest layer whose output gradient dY is final (n_layers: none)
-#   chain_done = lowest layer the chain has finished with, so its W and gamma
-#                are no longer read and Adam may overwrite them
-#   next_task  = the next task to hand out
-# and dw_done[i] counts the finished dW blocks of layer i. A task waits only
-# for the chain or for a task handed out before it, so nothing can deadlock
-# as long as the chain runs; `abort` releases a helper if it never will.
-
-cdef enum:
-    ACT_RELU = 0        # hidden layer: dense -> ReLU
-    ACT_RELU_BN = 1     # hidden layer: dense -> ReLU -> batch norm
-    ACT_TANH = 2        # output layer: dense -> tanh
-    ACT_LINEAR = 3      # output layer: dense alone (logits)
-
-_ACTIVATIONS = {"relu": ACT_RELU, "relu_bn": ACT_RELU_BN, "tanh": ACT_TANH, "linear": ACT_LINEAR}
-
-
-cdef struct LayerPlan:
-    char* x          # (n, d_in)  the layer's input
-    char* w          # (d_in, d_out)
-    char* y          # (n, d_out) activation output kept by the forward (ReLU or tanh output)
-    char* gout       # (n, d_out) dLoss/d(layer output): batch-norm output for relu_bn
-    char* gpre       # (n, d_out) dLoss/d(dense output); may be gout itself (not for relu_bn)
-    char* gx         # (n, d_in)  dLoss/d(input) or NULL
-    char* dw         # (d_in, d_out) or NULL
-    char* db         # (d_out,) or NULL
-    char* mean       # batch norm: (d_out,) each, else NULL
-    char* invstd
-    char* gamma
-    char* dgamma
-    char* dbeta
-    int d_in
-    int d_out
-    int act
-    int gx_split     # a shared chain's second part of gx starts at this column (d_in: one part)
-    Py_ssize_t p_lo  # this layer's parameters: [p_lo, p_lo + p_size) of the flat arrays
-    Py_ssize_t p_size
-
-
-cdef struct Task:
-    int kind           # TASK_DW: dW[:, lo:hi] and db[lo:hi]; TASK_ADAM: Adam on flat[lo:hi]
-    int layer
-    Py_ssize_t lo
-    Py_ssize_t hi
-
-
-cdef enum:
-    TASK_DW = 0
-    TASK_ADAM = 1
-
-# Tasks are cut small enough that the two threads finish together: a layer's
-# dW in column blocks of at most DW_CHUNK_MACS multiply-adds (a whole number of
-# 16-column panels), its Adam step in runs of at most ADAM_CHUNK parameters.
-cdef Py_ssize_t DW_CHUNK_MACS = 1 << 25
-cdef Py_ssize_t ADAM_CHUNK = 1 << 17
-
-
 # The crew: one helper thread that serves plans without the GIL. For the
 # length of a training step the helper sits in Crew.serve, a loop that
 # spins (then yields) until the calling thread posts a job: a plan's helper
@@ -1160,28 +1087,87 @@ cdef class Crew:
         return mg_load(&self.s.helped)
 
 
+# ---------------------------------------------------------------------------
+# 8. The backward plan: a whole backward pass, and its Adam step, in one call
+# ---------------------------------------------------------------------------
+# A backward pass is a chain (layer i's input gradient needs its output
+# gradient) with work hanging off it: each layer's weight gradients
+# dW = X^T gpre and, in training, its Adam step. The plan lays all of it out
+# as one sequence of items, taken in order by whichever thread comes next
+# (fetch-and-add), last layer first:
+#     for i = L-1 .. 0:  G(i), X(i) in halves, blocks of layer i+1
+#     then               blocks of layer 0
+# G(i) is the activation's backward (gpre from gout: tanh, ReLU, batch norm),
+# X(i) the input gradient gx = gpre W^T in two column halves, and a block a
+# run of rows of dW followed at once by the Adam step of those rows (and,
+# in a layer's first block, db and the Adam step of b, gamma and beta). A
+# block is small (BLOCK_BYTES of dW) so that Adam finds its gradients in L2
+# rather than reading them back from memory, which on this model is most of
+# what Adam costs. A block of layer j may only run once X(j) has read W_j;
+# coming after X(j-1) in the sequence, it hardly ever waits.
+#
+# An item waits only for items before it (counters below), so nothing can
+# deadlock, and one thread alone runs the same items in the same order: the
+# same bits whichever threads run a plan.
+#   chain_done[i] = G(i) and X(i) parts finished (1 + gx parts: layer done)
+#   next_item     = the next item to hand out
+
+cdef enum:
+    ACT_RELU = 0        # hidden layer: dense -> ReLU
+    ACT_RELU_BN = 1     # hidden layer: dense -> ReLU -> batch norm
+    ACT_TANH = 2        # output layer: dense -> tanh
+    ACT_LINEAR = 3      # output layer: dense alone (logits)
+
+_ACTIVATIONS = {"relu": ACT_RELU, "relu_bn": ACT_RELU_BN, "tanh": ACT_TANH, "linear": ACT_LINEAR}
+
+
+
+cdef struct LayerPlan:
+    char* x          # (n, d_in)  the layer's input
+    char* w          # (d_in, d_out)
+    char* y          # (n, d_out) activation output kept by the forward (ReLU or tanh output)
+    char* gout       # (n, d_out) dLoss/d(layer output): batch-norm output for relu_bn
+    char* gpre       # (n, d_out) dLoss/d(dense output); may be gout itself (not for relu_bn)
+    char* gx         # (n, d_in)  dLoss/d(input) or NULL
+    char* dw         # (d_in, d_out) or NULL
+    char* db         # (d_out,) or NULL
+    char* mean       # batch norm: (d_out,) each, else NULL
+    char* invstd
+    char* gamma
+    char* dgamma
+    char* dbeta
+    int d_in
+    int d_out
+    int act
+    int gx_split     # the second part of gx starts at this column (d_in: one part)
+    int block_rows   # rows of dW per block
+    int n_blocks
+    Py_ssize_t p_lo  # this layer's parameters: [p_lo, p_lo + p_size) of the flat arrays
+    Py_ssize_t p_size
+
+
+# Rows of dW per block: about this many bytes, half of a 1 MB L2. Measured
+# on the reference model (2 threads, one process, interleaved): 256 KB to
+# 4 MB within 2% of each other, 512 KB and 1 MB the fastest.
+cdef Py_ssize_t BLOCK_BYTES = 1 << 19
+
+
 cdef struct PlanState:
     LayerPlan* layers
     int n_layers
     int n
-    Task* tasks
-    int n_tasks
-    int* dw_chunks     # per layer: how many dW tasks it has
+    bint param_grads
+    bint adam
+    bint halves        # input gradients in two column halves
+    bint is_f32
     char* p            # flat parameters, gradients, Adam moments (Adam only)
     char* g
     char* m
     char* v
     double lr, beta1, beta2, eps
     long step
-    mg_atomic ready
-    mg_atomic chain_done
-    mg_atomic next_task
-    mg_atomic aborted
-    mg_atomic* dw_done
-    bint is_f32
-    bint halves        # a plan without tasks: split each input gradient in two parts
-    mg_atomic next_part
-    mg_atomic* part_done  # per layer: parts of the shared chain finished
+    mg_atomic next_item
+    mg_atomic* chain_done
 
 
 cdef inline void _layer_grad_pre(PlanState* s, LayerPlan* L, floating* tag) noexcept nogil:
@@ -1198,131 +1184,108 @@ cdef inline void _layer_grad_pre(PlanState* s, LayerPlan* L, floating* tag) noex
         relu_backward_k(<floating*>L.y, <floating*>L.gout, <floating*>L.gpre, size)
 
 
-cdef void _plan_chain(PlanState* s, floating* tag) noexcept nogil:
-    cdef int i
-    cdef LayerPlan* L
-    for i in range(s.n_layers - 1, -1, -1):
-        L = &s.layers[i]
-        _layer_grad_pre(s, L, tag)
-        mg_store(&s.ready, i)
-        if L.gx != NULL:
-            dense_backward_k(<floating*>L.x, <floating*>L.w, <floating*>L.gpre,
-                             <floating*>NULL, <floating*>NULL, <floating*>L.gx, s.n, L.d_in, L.d_out)
-        mg_store(&s.chain_done, i)
-
-
-cdef void _plan_tasks(PlanState* s, floating* tag) noexcept nogil:
-    cdef long t
-    cdef Task* T
-    cdef LayerPlan* L
-    cdef Py_ssize_t i, j
-    cdef floating* db
-    cdef floating* row
-    while True:
-        t = mg_fetch_add(&s.next_task, 1)
-        if t >= s.n_tasks:
-            return
-        T = &s.tasks[t]
-        L = &s.layers[T.layer]
-        if T.kind == TASK_DW:
-            if not mg_wait_le(&s.ready, T.layer, &s.aborted):
-                return
-            gemm_rm(True, False, L.d_in, <int>(T.hi - T.lo), s.n, 1, <floating*>L.x, L.d_in,
-                    <floating*>L.gpre + T.lo, L.d_out, 0, <floating*>L.dw + T.lo, L.d_out)
-            db = <floating*>L.db
-            for j in range(T.lo, T.hi):
-                db[j] = 0
-            for i in range(s.n):
-                row = <floating*>L.gpre + i * L.d_out
-                for j in range(T.lo, T.hi):
-                    db[j] += row[j]
-            mg_fetch_add(&s.dw_done[T.layer], 1)
-        else:
-            if not (mg_wait_ge(&s.dw_done[T.layer], s.dw_chunks[T.layer], &s.aborted)
-                    and mg_wait_le(&s.chain_done, T.layer, &s.aborted)):
-                return
-            adam_k(<floating*>s.p + T.lo, <floating*>s.g + T.lo, <floating*>s.m + T.lo,
-                   <floating*>s.v + T.lo, T.hi - T.lo, s.lr, s.beta1, s.beta2, s.eps, s.step)
-
-
-# A plan without tasks (an input gradient only, as through D in the G update)
-# has nothing to offer a helper but the chain itself. Then the chain is cut
-# into parts, taken in order by whichever thread comes: per layer, last
-# first, its activation's backward (one part), then its input gradient
-# gx = gpre W^T in two column halves (W's rows lo..hi: contiguous). A part
-# waits only for parts before it, so one thread alone runs them all in order.
-
 cdef inline int _gx_parts(PlanState* s, LayerPlan* L) noexcept nogil:
     if L.gx == NULL:
         return 0
     return 2 if s.halves and L.gx_split < L.d_in else 1
 
 
+cdef inline int _blocks(PlanState* s, int i) noexcept nogil:
+    return s.layers[i].n_blocks if s.param_grads and 0 <= i < s.n_layers else 0
+
+
 cdef void _gx_columns(PlanState* s, LayerPlan* L, int lo, int hi, floating* tag) noexcept nogil:
+    """gx[:, lo:hi] = gpre W[lo:hi, :]^T (W's rows lo..hi-1 are contiguous)."""
     gemm_rm(False, True, s.n, hi - lo, L.d_out, 1, <floating*>L.gpre, L.d_out,
             <floating*>L.w + <Py_ssize_t>lo * L.d_out, L.d_out, 0, <floating*>L.gx + lo, L.d_in)
 
 
-cdef void _plan_parts(PlanState* s, floating* tag) noexcept nogil:
+cdef inline void _adam_at(PlanState* s, char* grad, Py_ssize_t size, floating* tag) noexcept nogil:
+    """Adam on the parameters whose gradients are grad[0:size] in the flat gradients."""
+    cdef Py_ssize_t off = (grad - s.g) // sizeof(floating)
+    adam_k(<floating*>s.p + off, <floating*>s.g + off, <floating*>s.m + off, <floating*>s.v + off,
+           size, s.lr, s.beta1, s.beta2, s.eps, s.step)
+
+
+cdef void _block(PlanState* s, LayerPlan* L, int b, floating* tag) noexcept nogil:
+    """Rows [r0, r1) of dW = X^T gpre, then their Adam step; block 0 also db
+    and the Adam step of the layer's vectors."""
+    cdef int r0 = b * L.block_rows
+    cdef int r1 = min(r0 + L.block_rows, L.d_in)
+    cdef Py_ssize_t i, j
+    cdef floating* db
+    cdef floating* row
+    cdef floating* dw = <floating*>L.dw + <Py_ssize_t>r0 * L.d_out
+    gemm_rm(True, False, r1 - r0, L.d_out, s.n, 1, <floating*>L.x + r0, L.d_in,
+            <floating*>L.gpre, L.d_out, 0, dw, L.d_out)
+    if s.adam:
+        _adam_at(s, <char*>dw, <Py_ssize_t>(r1 - r0) * L.d_out, tag)
+    if b == 0:
+        db = <floating*>L.db
+        for j in range(L.d_out):
+            db[j] = 0
+        for i in range(s.n):
+            row = <floating*>L.gpre + i * L.d_out
+            for j in range(L.d_out):
+                db[j] += row[j]
+        if s.adam:
+            _adam_at(s, L.db, L.d_out, tag)
+            if L.act == ACT_RELU_BN:
+                _adam_at(s, L.dgamma, L.d_out, tag)
+                _adam_at(s, L.dbeta, L.d_out, tag)
+
+
+cdef inline bint _layer_done(PlanState* s, int i) noexcept nogil:
+    """Wait until G(i) and X(i) have finished (W_i and gamma_i no longer read)."""
+    return mg_wait_ge(&s.chain_done[i], 1 + _gx_parts(s, &s.layers[i]), &_NEVER)
+
+
+cdef void _plan_items(PlanState* s, floating* tag) noexcept nogil:
     cdef long p
-    cdef int i, parts
+    cdef int i, gxp, count
     cdef LayerPlan* L
     while True:
-        p = mg_fetch_add(&s.next_part, 1)
+        p = mg_fetch_add(&s.next_item, 1)
         i = s.n_layers - 1
         while i >= 0:
-            parts = 1 + _gx_parts(s, &s.layers[i])
-            if p < parts:
+            count = 1 + _gx_parts(s, &s.layers[i]) + _blocks(s, i + 1)
+            if p < count:
                 break
-            p -= parts
+            p -= count
             i -= 1
-        if i < 0:
-            return
+        if i < 0:  # the tail: blocks of layer 0
+            if p >= _blocks(s, 0):
+                return
+            _layer_done(s, 0)
+            _block(s, &s.layers[0], <int>p, tag)
+            continue
         L = &s.layers[i]
-        if p == 0:
-            if i < s.n_layers - 1 and not mg_wait_ge(&s.part_done[i + 1],
-                                                     1 + _gx_parts(s, &s.layers[i + 1]), &s.aborted):
-                return
+        gxp = _gx_parts(s, L)
+        if p == 0:                       # G(i): needs layer i+1's input gradient whole
+            if i < s.n_layers - 1:
+                _layer_done(s, i + 1)
             _layer_grad_pre(s, L, tag)
-        else:
-            if not mg_wait_ge(&s.part_done[i], 1, &s.aborted):
-                return
-            if _gx_parts(s, L) == 1:
+            mg_fetch_add(&s.chain_done[i], 1)
+        elif p <= gxp:                   # X(i), part p - 1
+            mg_wait_ge(&s.chain_done[i], 1, &_NEVER)
+            if gxp == 1:
                 _gx_columns(s, L, 0, L.d_in, tag)
             elif p == 1:
                 _gx_columns(s, L, 0, L.gx_split, tag)
             else:
                 _gx_columns(s, L, L.gx_split, L.d_in, tag)
-        mg_fetch_add(&s.part_done[i], 1)
+            mg_fetch_add(&s.chain_done[i], 1)
+        else:                            # a block of layer i + 1
+            _layer_done(s, i + 1)
+            _block(s, &s.layers[i + 1], <int>(p - 1 - gxp), tag)
 
 
-cdef void _plan_main(PlanState* s) noexcept nogil:
-    """The calling thread's part: the chain, then any tasks left."""
-    if s.n_tasks == 0:
-        if s.is_f32:
-            _plan_parts(s, <float*>NULL)
-        else:
-            _plan_parts(s, <double*>NULL)
-    elif s.is_f32:
-        _plan_chain(s, <float*>NULL)
-        _plan_tasks(s, <float*>NULL)
-    else:
-        _plan_chain(s, <double*>NULL)
-        _plan_tasks(s, <double*>NULL)
-
-
-cdef void _plan_help(void* state) noexcept nogil:
-    """A helper's part: tasks, or parts of a chain without tasks."""
+cdef void _plan_work(void* state) noexcept nogil:
     cdef PlanState* s = <PlanState*>state
-    if s.n_tasks == 0:
-        if s.is_f32:
-            _plan_parts(s, <float*>NULL)
-        else:
-            _plan_parts(s, <double*>NULL)
-    elif s.is_f32:
-        _plan_tasks(s, <float*>NULL)
+    if s.is_f32:
+        _plan_items(s, <float*>NULL)
     else:
-        _plan_tasks(s, <double*>NULL)
+        _plan_items(s, <double*>NULL)
 
 
 cdef class BackwardPlan:
@@ -1342,39 +1305,42 @@ cdef class BackwardPlan:
     adam: None, or (params, grads, m, v), the flat 1-D arrays in which every
     layer's w, b (and gamma, beta) lie, in order; then each layer also needs
     p_lo, p_size: its slice of the flat arrays, which must start at its w
-    and hold its dw, db, dgamma and dbeta.
+    (and its dw, in the gradients) and hold exactly its dw, db, dgamma and
+    dbeta.
+    block_bytes: about how much of dW a block computes before its Adam step
+    (the default suits L2 caches of 512 KB and more).
 
     Everything is checked here, so `work` can run without the GIL.
     """
     cdef PlanState s
     cdef bint is_f32
     cdef readonly bint param_grads, adam
+    cdef Py_ssize_t block_bytes
     cdef list keep
 
     def __cinit__(self):
         self.s.layers = NULL
-        self.s.dw_done = NULL
-        self.s.part_done = NULL
-        self.s.dw_chunks = NULL
-        self.s.tasks = NULL
-        self.s.n_tasks = 0
+        self.s.chain_done = NULL
 
-    def __init__(self, layers, *, bint param_grads, adam=None):
+    def __init__(self, layers, *, bint param_grads, adam=None, Py_ssize_t block_bytes=BLOCK_BYTES):
         cdef int i, t, L = len(layers)
         if L < 1:
             raise ValueError("a plan needs at least one layer")
+        if block_bytes < 1:
+            raise ValueError(f"block_bytes must be >= 1, got {block_bytes}")
+        self.block_bytes = block_bytes
         self.keep = []
         t = _float_type("layers[0]['w']", layers[0]["w"])
         self.is_f32 = t == F32
         self.s.is_f32 = self.is_f32
         self.param_grads = param_grads or adam is not None
         self.adam = adam is not None
+        self.s.param_grads = self.param_grads
+        self.s.adam = self.adam
+        self.s.halves = True
         self.s.layers = <LayerPlan*>calloc(L, sizeof(LayerPlan))
-        self.s.dw_done = <mg_atomic*>calloc(L, sizeof(mg_atomic))
-        self.s.part_done = <mg_atomic*>calloc(L, sizeof(mg_atomic))
-        self.s.dw_chunks = <int*>calloc(L, sizeof(int))
-        if (self.s.layers == NULL or self.s.dw_done == NULL or self.s.part_done == NULL
-                or self.s.dw_chunks == NULL):
+        self.s.chain_done = <mg_atomic*>calloc(L, sizeof(mg_atomic))
+        if self.s.layers == NULL or self.s.chain_done == NULL:
             raise MemoryError()
         self.s.n_layers = L
         self.s.n = _check("layers[0]['x']", layers[0]["x"], t, 2).shape[0]
@@ -1406,35 +1372,6 @@ cdef class BackwardPlan:
             for (lo0, hi0, a), (lo1, hi1, b) in zip(spans, spans[1:]):
                 if lo1 < hi0:
                     raise ValueError(f"the parameter slices of layers[{a}] and layers[{b}] overlap")
-        if self.param_grads:
-            self._cut_tasks()
-
-    cdef _cut_tasks(self):
-        """The task list: per layer, last first, its dW blocks then its Adam runs."""
-        cdef int i, k, chunks
-        cdef LayerPlan* lp
-        cdef Py_ssize_t cols, lo, step
-        todo = []
-        for i in range(self.s.n_layers - 1, -1, -1):
-            lp = &self.s.layers[i]
-            cols = max(16, DW_CHUNK_MACS // max(1, <Py_ssize_t>lp.d_in * self.s.n) // 16 * 16)
-            chunks = 0
-            for lo in range(0, lp.d_out, cols):
-                todo.append((TASK_DW, i, lo, min(lo + cols, lp.d_out)))
-                chunks += 1
-            self.s.dw_chunks[i] = chunks
-            if self.adam:
-                for lo in range(lp.p_lo, lp.p_lo + lp.p_size, ADAM_CHUNK):
-                    todo.append((TASK_ADAM, i, lo, min(lo + ADAM_CHUNK, lp.p_lo + lp.p_size)))
-        self.s.tasks = <Task*>calloc(max(1, len(todo)), sizeof(Task))
-        if self.s.tasks == NULL:
-            raise MemoryError()
-        for k, (kind, i, lo, hi) in enumerate(todo):
-            self.s.tasks[k].kind = kind
-            self.s.tasks[k].layer = i
-            self.s.tasks[k].lo = lo
-            self.s.tasks[k].hi = hi
-        self.s.n_tasks = len(todo)
 
     cdef _add_layer(self, int i, dict spec, int t, int L, list flat, object prev_gout):
         cdef LayerPlan* lp = &self.s.layers[i]
@@ -1506,6 +1443,8 @@ cdef class BackwardPlan:
             arrays.extend([dw, db])
             lp.dw = _lo(dw)
             lp.db = _lo(db)
+            lp.block_rows = <int>max(1, min(d_in, self.block_bytes // (d_out * (4 if t == F32 else 8))))
+            lp.n_blocks = <int>((d_in + lp.block_rows - 1) // lp.block_rows)
         if self.adam:
             self._check_adam_slice(lp, name, flat, spec, t)
         self.keep.extend(arrays)
@@ -1516,26 +1455,31 @@ cdef class BackwardPlan:
         cdef Py_ssize_t total = flat[0].shape[0]
         if lo < 0 or size < 0 or lo + size > total:
             raise ValueError(f"{name}: parameter slice [{lo}, {lo + size}) is outside the {total} flat parameters")
-        # Adam updates exactly this slice: it must hold the layer's parameters
-        # and their gradients, or it would update the wrong memory.
+        # Adam steps each parameter at the place of its gradient in the flat
+        # arrays: the slice must be the layer's parameters, w first, and
+        # its gradients at the same places, nothing else.
         if lp.w != _lo(flat[0]) + lo * item:
             raise ValueError(f"{name}: 'w' does not start the layer's slice of the flat parameters")
+        if lp.dw != _lo(flat[1]) + lo * item:
+            raise ValueError(f"{name}: 'dw' does not start the layer's slice of the flat gradients")
         cdef char* start = _lo(<cnp.ndarray>flat[1]) + lo * item
         cdef char* stop = start + size * item
         keys = ("dw", "db", "dgamma", "dbeta") if lp.act == ACT_RELU_BN else ("dw", "db")
+        covered = 0
         for key in keys:
             a = <cnp.ndarray>spec[key]  # checked by _add_layer
             if not (start <= _lo(a) and _hi(a) <= stop):
                 raise ValueError(f"{name}: '{key}' is not inside the layer's slice of the flat gradients")
+            covered += a.size
+        if covered != size:
+            raise ValueError(f"{name}: the slice of {size} parameters must hold exactly the layer's "
+                             f"{covered} parameters ({', '.join(keys)})")
         lp.p_lo = lo
         lp.p_size = size
 
     def __dealloc__(self):
         free(self.s.layers)
-        free(<void*>self.s.dw_done)
-        free(<void*>self.s.part_done)
-        free(self.s.dw_chunks)
-        free(self.s.tasks)
+        free(<void*>self.s.chain_done)
 
     @property
     def n(self):
@@ -1543,63 +1487,53 @@ cdef class BackwardPlan:
         return self.s.n
 
     @property
-    def n_tasks(self):
-        return self.s.n_tasks
+    def n_items(self):
+        """Items of a run (with halves; see the comment above the plan)."""
+        cdef int i, k = 0
+        for i in range(self.s.n_layers):
+            k += 1 + _gx_parts(&self.s, &self.s.layers[i]) + _blocks(&self.s, i)
+        return k
 
     def start(self, *, double lr=0, double beta1=0, double beta2=0, double eps=1, long step=1,
               bint halves=True):
         """Reset the counters before a run (and set Adam's hyperparameters).
 
-        halves: a plan without tasks cuts each input gradient in two column
-        halves, so that a helper can share the chain. The cut is kept with
-        one thread too: BLAS may round a half-size product differently, and
-        a step should give the same bits whichever threads run it."""
+        halves=False computes each input gradient in one GEMM. Halves are
+        the default with one thread too: BLAS may round a half-size product
+        differently, and a pass should give the same bits whichever threads
+        run it."""
         cdef int i
         if self.adam:
             _check_adam(lr, beta1, beta2, eps, step)
         self.s.lr, self.s.beta1, self.s.beta2, self.s.eps, self.s.step = lr, beta1, beta2, eps, step
         self.s.halves = halves
         for i in range(self.s.n_layers):
-            mg_store(&self.s.dw_done[i], 0)
-            mg_store(&self.s.part_done[i], 0)
-        mg_store(&self.s.chain_done, self.s.n_layers)
-        mg_store(&self.s.ready, self.s.n_layers)
-        mg_store(&self.s.next_task, 0)
-        mg_store(&self.s.next_part, 0)
-        mg_store(&self.s.aborted, 0)
+            mg_store(&self.s.chain_done[i], 0)
+        mg_store(&self.s.next_item, 0)
 
-    def abort(self):
-        """Release a helper waiting for a chain that will not run (the caller
-        was interrupted before it): the helper returns without touching memory."""
-        mg_store(&self.s.aborted, 1)
-
-    def work(self, bint chain):
-        """Run, without the GIL: the chain and then any tasks left (chain=True,
-        exactly one caller per run), or tasks only (chain=False, a helper)."""
-        cdef PlanState* s = &self.s
+    def work(self):
+        """Take items until none are left, without the GIL. Two threads may
+        work on one run at once (after one start())."""
         with nogil:
-            if chain:
-                _plan_main(s)
-            else:
-                _plan_help(s)
+            _plan_work(&self.s)
 
     def run(self, Crew crew=None):
         """One run after start(), without the GIL: on this thread alone, or
         shared with crew's helper thread (which must be serving)."""
         cdef PlanState* s = &self.s
         cdef CrewState* c = NULL
-        if crew is not None and (s.n_tasks > 0 or s.halves):
+        if crew is not None:
             c = &crew.s
         with nogil:
             if c != NULL:
-                _crew_post(c, _plan_help, s)
-            _plan_main(s)
+                _crew_post(c, _plan_work, s)
+            _plan_work(s)
             if c != NULL:
                 _crew_finish(c)
 
 
 # ---------------------------------------------------------------------------
-# 7. The forward pass as one plan, shared by two threads column by column
+# 9. The forward pass as one plan, shared by two threads column by column
 # ---------------------------------------------------------------------------
 # Every step of a layer's forward is local to a column of its output: the
 # GEMM's column j, its bias, ReLU or tanh, and batch norm's statistics of
@@ -1636,7 +1570,6 @@ cdef struct FwdState:
     bint update_running
     bint halves       # split layers in two parts (set per run by start)
     mg_atomic next_part
-    mg_atomic aborted
     mg_atomic* done   # per layer: parts finished
     bint is_f32
 
@@ -1689,7 +1622,7 @@ cdef void _fwd_work(FwdState* s, floating* tag) noexcept nogil:
         if i >= s.n_layers:
             return
         L = &s.layers[i]
-        if i > 0 and not mg_wait_ge(&s.done[i - 1], _fwd_parts(s, &s.layers[i - 1]), &s.aborted):
+        if i > 0 and not mg_wait_ge(&s.done[i - 1], _fwd_parts(s, &s.layers[i - 1]), &_NEVER):
             return
         if _fwd_parts(s, L) == 1:
             _fwd_part(s, L, 0, L.d_out, tag)
@@ -1853,15 +1786,10 @@ cdef class ForwardPlan:
         for i in range(self.s.n_layers):
             mg_store(&self.s.done[i], 0)
         mg_store(&self.s.next_part, 0)
-        mg_store(&self.s.aborted, 0)
 
-    def abort(self):
-        """Release a helper waiting for a part that will not run."""
-        mg_store(&self.s.aborted, 1)
-
-    def work(self, bint chain=True):
-        """Take half-layers until none are left, without the GIL (chain: unused,
-        for the same calling convention as BackwardPlan.work)."""
+    def work(self):
+        """Take half-layers until none are left, without the GIL. Two threads
+        may work on one run at once (after one start())."""
         with nogil:
             _fwd_help(&self.s)
 

@@ -1,6 +1,6 @@
-/* The few atomics the plans (BackwardPlan, ForwardPlan in _kernels.pyx)
- * need to hand work between two threads without a lock: acquire loads,
- * release stores, a fetch-and-add, a compare-and-swap, and a polite spin. */
+/* The few atomics the crew and the plans (_kernels.pyx) need to hand work
+ * between two threads without a lock: acquire loads, release stores, a
+ * fetch-and-add, a compare-and-swap, and a polite spin. */
 #ifndef MNISTGAN_SYNC_H
 #define MNISTGAN_SYNC_H
 
@@ -34,19 +34,9 @@ static inline void mg_yield(void) { sched_yield(); }
 #endif
 #endif
 
-/* Wait until *p <= bound (mg_wait_le) or *p >= bound (mg_wait_ge), or
- * until *abort is set; returns 0 if aborted. Spins briefly (the other
- * thread is usually microseconds away), then yields the core so that an
- * oversubscribed machine still makes progress. */
-static inline int mg_wait_le(mg_atomic *p, long bound, mg_atomic *abort) {
-    int spins = 0;
-    while (mg_load(p) > bound) {
-        if (mg_load(abort)) return 0;
-        if (++spins < 2000) { MG_PAUSE(); } else { mg_yield(); }
-    }
-    return 1;
-}
-
+/* Wait until *p >= bound, or until *abort is set; returns 0 if aborted.
+ * Spins briefly (the other thread is usually microseconds away), then
+ * yields the core so that an oversubscribed machine still makes progress. */
 static inline int mg_wait_ge(mg_atomic *p, long bound, mg_atomic *abort) {
     int spins = 0;
     while (mg_load(p) < bound) {

@@ -83,6 +83,8 @@ class DenseStack:
         self._allocate_activations(input_grad)
         self._views: dict[tuple, _Views] = {}
         self._plans: dict[tuple, tuple] = {}
+        #: Extra keyword arguments for the BackwardPlans (benchmarks tune block_bytes).
+        self.plan_options: dict = {}
         self._forward_plans: dict[tuple, tuple] = {}
         self._last_input = None
         self._last_n = 0
@@ -293,7 +295,7 @@ class DenseStack:
                 spec.update(mean=self._batch_mean[i][group], invstd=self._batch_invstd[i][group],
                             gamma=self.gamma[i], dgamma=self.dgamma[i], dbeta=self.dbeta[i])
             layers.append(spec)
-        plan = K.BackwardPlan(layers, param_grads=param_grads,
+        plan = K.BackwardPlan(layers, param_grads=param_grads, **self.plan_options,
                               adam=(self.flat_params, self.flat_grads, self.adam_m, self.adam_v) if adam else None)
         self._plans[key] = (x_all, plan)
         return plan
