@@ -11,10 +11,12 @@ What it measures, all in one process run:
      PyTorch eager (same model, same initial weights, same batch), at 1 and
      2 BLAS/intra-op threads, float32 and float64. The configurations run in
      short blocks, round-robin, so drift on a shared machine hits all alike.
-  2. The GEMM-only time of the step (its 38 GEMMs, same shapes, same BLAS)
-     and where the rest of mnistgan's step goes, kernel by kernel; and the
-     same GEMMs through PyTorch (torch.mm), to tell whether PyTorch loses
-     its time in its GEMMs or around them.
+  2. The GEMM-only time of the step (its 38 GEMMs, same shapes, same BLAS,
+     one at a time), where mnistgan's step goes pass by pass, what the work
+     around the GEMMs costs kernel by kernel, and the same GEMMs through
+     PyTorch (torch.mm), to tell whether PyTorch loses its time in its GEMMs
+     or around them. "mnistgan-blas-threads" is mnistgan without its helper
+     thread (parallel=False): every GEMM on OpenBLAS's own threads.
   3. Images per second of mnistgan at batch 50, 100, 256 and 1024.
   4. Peak memory (max RSS) of each implementation, each in a fresh process.
 """
@@ -136,8 +138,8 @@ def make_runner(impl: str, cfg: Config, images: np.ndarray):
         pos[0] = (pos[0] + 1) % len(batches)
         return batches[pos[0]]
 
-    gan = GAN(cfg, parallel=impl != "mnistgan-nohelper")
-    if impl in ("mnistgan", "mnistgan-nohelper"):
+    gan = GAN(cfg, parallel=impl != "mnistgan-blas-threads")
+    if impl in ("mnistgan", "mnistgan-blas-threads"):
         return lambda: gan.train_step(images, batch(), 0.1)
     if impl == "numpy":
         ref = RefGAN(gan, seed=1)
@@ -215,11 +217,11 @@ def stats(samples):
     return statistics.median(ms), q[0], q[2]
 
 
-def kernel_breakdown(cfg, images, threads, steps):
-    """ms per step spent in each part of mnistgan's step: each kernel called
-    from Python, each backward pass (with its Adam step)."""
+def pass_breakdown(cfg, images, threads, steps):
+    """ms per step spent in each pass of mnistgan's step (each a plan: GEMMs,
+    elementwise work and Adam together, shared with the helper thread at 2
+    threads) and in each kernel gan.py calls itself."""
     import mnistgan.gan as gan_mod
-    import mnistgan.network as net_mod
     from mnistgan import _kernels as K
 
     spent = collections.defaultdict(float)
@@ -228,7 +230,7 @@ def kernel_breakdown(cfg, images, threads, steps):
         def timed(*a, **k):
             t0 = time.perf_counter()
             r = f(*a, **k)
-            spent[label] += time.perf_counter() - t0
+            spent[label if isinstance(label, str) else label(*a)] += time.perf_counter() - t0
             return r
         return timed
 
@@ -238,20 +240,20 @@ def kernel_breakdown(cfg, images, threads, steps):
         def __getattr__(self, name):
             return timing(getattr(K, name), labels.get(name, name))
 
-    saved = net_mod.K, gan_mod.K
-    net_mod.K = gan_mod.K = Timed()
+    saved = gan_mod.K
+    gan_mod.K = Timed()
     try:
         gan = GAN(cfg)
+        B = cfg.batch_size
 
         def timed_method(obj, name, label):
             setattr(obj, name, timing(getattr(obj, name), label))
 
-        # A backward pass and its Adam step run as one BackwardPlan (its GEMMs,
-        # the batch-norm/ReLU/tanh backward and Adam, shared with a helper
-        # thread at 2 threads): timed as one part.
+        timed_method(gan.G, "forward", f"G forward, {2 * B} rows (ForwardPlan)")
+        timed_method(gan.D, "forward", lambda x, *a: f"D forward, {x.shape[0]} rows (ForwardPlan)")
         timed_method(gan.D, "backward_and_update", "D backward + Adam (BackwardPlan)")
-        timed_method(gan.G, "backward_and_update", "G backward + Adam (BackwardPlan)")
-        timed_method(gan.D, "backward", "D backward to the fake batch, G update (BackwardPlan)")
+        timed_method(gan.G, "backward_and_update", f"G backward + Adam, {B} rows (BackwardPlan)")
+        timed_method(gan.D, "backward", "D input gradient, G update (BackwardPlan)")
         idx = np.arange(cfg.batch_size, dtype=np.int64)
         with Threads(threads):
             for _ in range(5):
@@ -262,10 +264,74 @@ def kernel_breakdown(cfg, images, threads, steps):
                 gan.train_step(images, idx, 0.1)
             total = time.perf_counter() - t0
     finally:
-        net_mod.K, gan_mod.K = saved
+        gan_mod.K = saved
     rows = {k: 1000 * v / steps for k, v in spent.items()}
-    rows["python and the rest"] = 1000 * total / steps - sum(rows.values())
+    rows["python, helper session and the rest"] = 1000 * total / steps - sum(rows.values())
     return 1000 * total / steps, rows
+
+
+def elementwise_costs(cfg, reps=50):
+    """ms per step of the work around the GEMMs, each kernel timed alone (one
+    thread) on the shapes and counts of one step: what the plans fuse in."""
+    from mnistgan import _kernels as K
+
+    dt = np.dtype(cfg.dtype)
+    B = cfg.batch_size
+    rng = np.random.default_rng(0)
+    g_sizes = [*cfg.g_hidden]
+    d_sizes = [*cfg.d_hidden]
+    z = lambda *shape: rng.standard_normal(shape).astype(dt)  # noqa: E731
+    gan = GAN(cfg)
+    n_params = gan.G.n_params + gan.D.n_params
+    work = collections.defaultdict(list)
+    for d in g_sizes:  # G's hidden layers: forward on 2B rows (two groups), backward on B
+        x, y, gam, bet = z(2 * B, d), z(2 * B, d), np.ones(d, dt), np.zeros(d, dt)
+        rm, rv, mu, istd = np.zeros(d, dt), np.ones(d, dt), np.zeros(d, dt), np.zeros(d, dt)
+        xb, gy, gx, dg, dbt = z(B, d), z(B, d), z(B, d), z(d), z(d)
+        work["batch norm forward and backward"] += [
+            lambda x=x, y=y, gam=gam, bet=bet, rm=rm, rv=rv, mu=mu, istd=istd:
+                K.batchnorm_forward(x, gam, bet, rm, rv, mu, istd, y),
+            lambda xb=xb, mu=mu, istd=istd, gam=gam, gy=gy, dg=dg, dbt=dbt, gx=gx:
+                K.batchnorm_backward(xb, mu, istd, gam, gy, dg, dbt, gx)]
+        work["ReLU forward and backward"] += [lambda x=x: K.relu_forward(x, x),
+                                              lambda xb=xb, gy=gy, gx=gx: K.relu_backward(xb, gy, gx)]
+    for d in d_sizes:  # D's hidden layers: forward on 2B and B rows, backward on 2B and B
+        for n in (2 * B, B):
+            x, gy, gx = z(n, d), z(n, d), z(n, d)
+            work["ReLU forward and backward"] += [lambda x=x: K.relu_forward(x, x),
+                                                  lambda x=x, gy=gy, gx=gx: K.relu_backward(x, gy, gx)]
+    t, gt, gt2 = z(2 * B, cfg.image_dim), z(B, cfg.image_dim), z(B, cfg.image_dim)
+    work["tanh forward and backward"] += [lambda: K.tanh_forward(t, t),
+                                          lambda: K.tanh_backward(gt, gt, gt2)]
+    logits, probs, dl = z(2 * B, 1), z(2 * B, 1), z(2 * B, 1)
+    targets = np.ones((2 * B, 1), dt)
+    work["sigmoid + BCE"] += [lambda: K.sigmoid_bce(logits, targets, probs, dl),
+                              lambda: K.sigmoid_bce(logits[:B], targets[:B], probs[:B], dl[:B])]
+    p_, g_, m_, v_ = (z(n_params) for _ in range(4))
+    work["Adam (all parameters, from memory)"] += [
+        lambda: K.adam_step(p_, g_, m_, v_, lr=2e-4, beta1=0.5, beta2=0.999, eps=1e-8, step=1)]
+    imgs = rng.integers(0, 256, (10000, cfg.image_dim), dtype=np.uint8)
+    idx = rng.integers(0, 10000, B)
+    real, noise = z(B, cfg.image_dim), z(3 * B, cfg.image_dim)
+    work["gather + instance noise"] += [lambda: K.gather_batch(imgs, idx, real),
+                                        lambda: K.add_noise(noise[:2 * B], noise[:2 * B], 0.1, noise[:2 * B]),
+                                        lambda: K.add_noise(noise[:B], noise[:B], 0.1, noise[:B])]
+    draws = np.random.default_rng(1)
+    zz = z(2 * B, cfg.latent_dim)
+    work["normal draws (z and noise)"] += [lambda: K.standard_normal(draws, zz),
+                                           lambda: K.standard_normal(draws, noise)]
+    out = {}
+    with Threads(1):
+        for name, fns in work.items():
+            best = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    for f in fns:
+                        f()
+                best.append((time.perf_counter() - t0) / reps)
+            out[name] = 1000 * statistics.median(best)
+    return out
 
 
 def peak_memory(impl, dtype, threads, steps=30):
@@ -309,7 +375,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     rounds, block = (4, 5) if a.quick else (30, 5)
     images = np.random.default_rng(0).integers(0, 256, (10000, 784), dtype=np.uint8)
-    impls = (["mnistgan", "mnistgan-nohelper", "numpy"] + (["pytorch"] if HAVE_TORCH else []) + ["gemm-only"]
+    impls = (["mnistgan", "mnistgan-blas-threads", "numpy"] + (["pytorch"] if HAVE_TORCH else []) + ["gemm-only"]
              + (["pytorch-gemm-only"] if HAVE_TORCH else []))
     lines = [f"# mnistgan speed results", "",
              f"Machine: {machine()}.", "",
@@ -324,7 +390,7 @@ def main(argv=None):
     for dtype in ("float32", "float64"):
         cfg = Config(dtype=dtype)
         configs = {(impl, t): (t, make_runner(impl, cfg, images)) for impl in impls for t in (1, 2)
-                   if impl != "mnistgan-nohelper" or t > 1}
+                   if impl != "mnistgan-blas-threads" or t > 1}
         times = interleaved(configs, rounds, block, warmup=3)
         emit(f"## Training step, batch 50, {dtype}")
         emit()
@@ -358,8 +424,11 @@ def main(argv=None):
 
     emit("## Where mnistgan's step goes (batch 50, float32)")
     emit()
+    emit("Each pass is one plan (GEMMs, elementwise work and Adam fused, shared with the "
+         "helper thread at 2 threads); the kernels gan.py calls itself are listed apart.")
+    emit()
     for t in (1, 2):
-        total, rows = kernel_breakdown(Config(), images, t, 40 if a.quick else 100)
+        total, rows = pass_breakdown(Config(), images, t, 40 if a.quick else 100)
         emit(f"{t} thread(s): {total:.2f} ms per step:")
         emit()
         emit("| part | ms/step | share |")
@@ -367,6 +436,16 @@ def main(argv=None):
         for k, v in sorted(rows.items(), key=lambda kv: -kv[1]):
             emit(f"| {k} | {v:.3f} | {100 * v / total:.1f}% |")
         emit()
+    costs = elementwise_costs(Config())
+    emit("The work around the GEMMs, each kernel timed alone on one step's shapes (1 thread, "
+         "data hot in cache but Adam's 40 MB, which streams from memory):")
+    emit()
+    emit("| kernel | ms/step |")
+    emit("|---|---|")
+    for k, v in sorted(costs.items(), key=lambda kv: -kv[1]):
+        emit(f"| {k} | {v:.3f} |")
+    emit(f"| all of it | {sum(costs.values()):.3f} |")
+    emit()
 
     emit("## mnistgan throughput by batch size (float32)")
     emit()
@@ -385,7 +464,7 @@ def main(argv=None):
     emit()
     emit("| implementation | float32 MB | float64 MB |")
     emit("|---|---|---|")
-    for impl in [i for i in impls if i not in ("gemm-only", "pytorch-gemm-only", "mnistgan-nohelper")]:
+    for impl in [i for i in impls if i not in ("gemm-only", "pytorch-gemm-only", "mnistgan-blas-threads")]:
         emit(f"| {impl} | {peak_memory(impl, 'float32', 1):.0f} | {peak_memory(impl, 'float64', 1):.0f} |")
     emit()
     if not a.no_write:

@@ -513,13 +513,14 @@ cdef void batchnorm_backward_k(floating* x, floating* mean, floating* invstd,
 
 cdef void batchnorm_eval_k(floating* x, floating* gamma, floating* beta,
                            floating* run_mean, floating* run_var, floating* y,
-                           int n, int d, double eps) noexcept nogil:
+                           int n, int d, double eps, Py_ssize_t ld) noexcept nogil:
+    # x and y rows ld apart, as in batchnorm_forward_k.
     cdef Py_ssize_t i, j
     cdef floating* row
     cdef floating* yrow
     for i in range(n):
-        row = x + i * d
-        yrow = y + i * d
+        row = x + i * ld
+        yrow = y + i * ld
         for j in range(d):
             yrow[j] = (row[j] - run_mean[j]) / sqrt(run_var[j] + eps) * gamma[j] + beta[j]
 
@@ -624,11 +625,11 @@ def batchnorm_eval(X, gamma, beta, running_mean, running_var, Y, *, double eps=1
     if t == F32:
         with nogil:
             batchnorm_eval_k(<float*>_lo(x), <float*>_lo(g), <float*>_lo(b), <float*>_lo(rm),
-                             <float*>_lo(rv), <float*>_lo(y), <int>n, <int>d, eps)
+                             <float*>_lo(rv), <float*>_lo(y), <int>n, <int>d, eps, d)
     else:
         with nogil:
             batchnorm_eval_k(<double*>_lo(x), <double*>_lo(g), <double*>_lo(b), <double*>_lo(rm),
-                             <double*>_lo(rv), <double*>_lo(y), <int>n, <int>d, eps)
+                             <double*>_lo(rv), <double*>_lo(y), <int>n, <int>d, eps, d)
     return Y
 
 
@@ -1567,6 +1568,7 @@ cdef struct FwdState:
     int n
     int groups
     double momentum, eps
+    bint training     # batch statistics (else the running statistics)
     bint update_running
     bint halves       # split layers in two parts (set per run by start)
     mg_atomic next_part
@@ -1593,7 +1595,10 @@ cdef void _fwd_part(FwdState* s, FwdLayer* L, int lo, int hi, floating* tag) noe
     elif L.act == ACT_RELU or L.act == ACT_RELU_BN:
         for i in range(n):
             relu_forward_k(y + i * d, y + i * d, cols)
-    if L.act == ACT_RELU_BN:
+    if L.act == ACT_RELU_BN and not s.training:
+        batchnorm_eval_k(y, <floating*>L.gamma + lo, <floating*>L.beta + lo, <floating*>L.run_mean + lo,
+                         <floating*>L.run_var + lo, <floating*>L.post + lo, n, cols, s.eps, d)
+    elif L.act == ACT_RELU_BN:
         # Group after group, as separate forwards of m rows would do.
         for g in range(s.groups):
             batchnorm_forward_k(y + <Py_ssize_t>g * m * d, <floating*>L.gamma + lo, <floating*>L.beta + lo,
@@ -1652,13 +1657,15 @@ cdef class ForwardPlan:
         ReLU or tanh output in place;
         act: "relu", "relu_bn" (hidden), "tanh" or "linear" (last layer);
         for relu_bn: post (n, d_out) the batch-norm output; gamma, beta,
-        running_mean, running_var (d_out,); mean, invstd (groups, d_out).
+        running_mean, running_var (d_out,); mean, invstd (groups, d_out),
+        for training only.
     groups: batch norm normalises each of `groups` equal row groups with its
     own statistics (each at least 2 rows), the running statistics moved
     group after group (with update_running).
+    training=False: batch norm with the running statistics (evaluation).
 
-    `work` runs without the GIL; two threads may run it at once (see
-    mnistgan.parallel.run_plan), each taking half-layers in order.
+    `run` (or `work`, from two threads at once) runs without the GIL, each
+    thread taking half-layers in order.
     """
     cdef FwdState s
     cdef bint is_f32
@@ -1669,7 +1676,7 @@ cdef class ForwardPlan:
         self.s.done = NULL
 
     def __init__(self, layers, *, int groups=1, double momentum=0.1, double eps=1e-5,
-                 bint update_running=True):
+                 bint update_running=True, bint training=True):
         cdef int i, L = len(layers)
         if L < 1:
             raise ValueError("a plan needs at least one layer")
@@ -1687,6 +1694,8 @@ cdef class ForwardPlan:
             raise ValueError("layers[0]['x'] has no rows")
         if groups < 1 or n % groups:
             raise ValueError(f"groups={groups} must divide the {n} rows")
+        if not training and groups != 1:
+            raise ValueError("groups are for training (batch statistics) only")
         self.s.layers = <FwdLayer*>calloc(L, sizeof(FwdLayer))
         self.s.done = <mg_atomic*>calloc(L, sizeof(mg_atomic))
         if self.s.layers == NULL or self.s.done == NULL:
@@ -1696,7 +1705,8 @@ cdef class ForwardPlan:
         self.s.groups = groups
         self.s.momentum = momentum
         self.s.eps = eps
-        self.s.update_running = update_running
+        self.s.update_running = update_running and training
+        self.s.training = training
         prev_out = None
         for i in range(L):
             prev_out = self._add_layer(i, layers[i], t, L, prev_out)
@@ -1726,15 +1736,22 @@ cdef class ForwardPlan:
         out = y
         if lp.act == ACT_RELU_BN:
             m = n // self.s.groups
-            if m < 2:
+            if m < 2 and self.s.training:
                 raise ValueError(f"batch norm needs at least 2 rows per group, got {m}")
             post = _out(f"{name}['post']", spec["post"], t, 2, n, d_out)
             vecs = [_check(f"{name}['{k}']", spec[k], t, 1, d_out) for k in ("gamma", "beta")]
-            vecs += [_out(f"{name}['{k}']", spec[k], t, 1, d_out) for k in ("running_mean", "running_var")]
-            stats = [_out(f"{name}['{k}']", spec[k], t, 2, self.s.groups, d_out) for k in ("mean", "invstd")]
-            written = [("post", post), ("running_mean", vecs[2]), ("running_var", vecs[3]),
-                       ("mean", stats[0]), ("invstd", stats[1])]
-            read = [("x", x), ("w", w), ("b", b), ("y", y), ("gamma", vecs[0]), ("beta", vecs[1])]
+            stats = []
+            if self.s.training:
+                vecs += [_out(f"{name}['{k}']", spec[k], t, 1, d_out) for k in ("running_mean", "running_var")]
+                stats = [_out(f"{name}['{k}']", spec[k], t, 2, self.s.groups, d_out) for k in ("mean", "invstd")]
+                written = [("post", post), ("running_mean", vecs[2]), ("running_var", vecs[3]),
+                           ("mean", stats[0]), ("invstd", stats[1])]
+                read = [("x", x), ("w", w), ("b", b), ("y", y), ("gamma", vecs[0]), ("beta", vecs[1])]
+            else:  # the running statistics are only read
+                vecs += [_check(f"{name}['{k}']", spec[k], t, 1, d_out) for k in ("running_mean", "running_var")]
+                written = [("post", post)]
+                read = [("x", x), ("w", w), ("b", b), ("y", y), ("gamma", vecs[0]), ("beta", vecs[1]),
+                        ("running_mean", vecs[2]), ("running_var", vecs[3])]
             for k, (a_name, a) in enumerate(written):
                 for o_name, o in read + written[:k]:
                     _disjoint(f"{name}['{a_name}']", a, f"{name}['{o_name}']", o)
@@ -1744,8 +1761,9 @@ cdef class ForwardPlan:
             lp.beta = _lo(<cnp.ndarray>vecs[1])
             lp.run_mean = _lo(<cnp.ndarray>vecs[2])
             lp.run_var = _lo(<cnp.ndarray>vecs[3])
-            lp.mean = _lo(<cnp.ndarray>stats[0])
-            lp.invstd = _lo(<cnp.ndarray>stats[1])
+            if self.s.training:
+                lp.mean = _lo(<cnp.ndarray>stats[0])
+                lp.invstd = _lo(<cnp.ndarray>stats[1])
             out = post
         lp.x = _lo(x)
         lp.w = _lo(w)

@@ -38,7 +38,7 @@ import numpy as np
 
 from . import _kernels as K
 from .config import Config
-from .parallel import HELPER_ADVISED, blas_threads, helper_session
+from .parallel import blas_threads, helper_session
 from .network import DenseStack
 
 
@@ -89,9 +89,10 @@ class GAN:
         self._g_grad_out = self.D.grad_output(B)
         self.steps = 0
         # Share each step with a helper thread when BLAS may use >= 2
-        # threads (mnistgan.parallel). None: where that is expected to pay.
-        self.parallel = HELPER_ADVISED if parallel is None else bool(parallel)
+        # threads (mnistgan.parallel); parallel=False leaves the threads to BLAS.
+        self.parallel = True if parallel is None else bool(parallel)
         self._crew = K.Crew()
+        self._gen_inputs: dict[int, np.ndarray] = {}
 
     @property
     def batch_size(self) -> int:
@@ -192,13 +193,23 @@ class GAN:
             raise ValueError("generating with batch statistics needs n >= 2")
         out = np.empty((n, c.image_dim), self.dtype)
         B = c.batch_size
-        start = 0
-        while start < n:
-            stop = min(start + B, n)
-            if batch_stats and stop - start < 2:
-                start = stop - 2  # a lone last row joins the chunk before it
-            out[start:stop] = self.G.forward(z[start:stop], train=batch_stats, update_running=False)
-            start = stop
+        # Running statistics make rows independent: chunks as large as G's
+        # buffers. Batch statistics are those of batch_size rows.
+        chunk = B if batch_stats else 2 * B
+        shared = self.parallel and blas_threads() >= 2
+        with helper_session(self._crew if shared else None) as crew:
+            start = 0
+            while start < n:
+                stop = min(start + chunk, n)
+                if batch_stats and stop - start < 2:
+                    start = stop - 2  # a lone last row joins the chunk before it
+                # One input array per chunk size, so that G's plans are reused.
+                zin = self._gen_inputs.get(stop - start)
+                if zin is None:
+                    zin = self._gen_inputs[stop - start] = np.empty((stop - start, c.latent_dim), self.dtype)
+                zin[...] = z[start:stop]
+                out[start:stop] = self.G.forward(zin, train=batch_stats, update_running=False, crew=crew)
+                start = stop
         return out
 
     def state(self) -> dict[str, np.ndarray]:

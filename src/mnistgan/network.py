@@ -202,9 +202,8 @@ class DenseStack:
         equal groups normalised each with its own statistics, the running
         statistics moved group after group: exactly k forwards of n/k rows,
         with larger GEMMs. The returned array is an internal buffer,
-        overwritten by the next forward. A training forward (and any forward
-        of a network without batch norm) runs as one ForwardPlan; with a
-        crew (mnistgan.parallel.helper_session) it is shared with the
+        overwritten by the next forward. The pass runs as one ForwardPlan;
+        with a crew (mnistgan.parallel.helper_session) it is shared with the
         helper thread, half of every layer each, with the same result.
         """
         n = x.shape[0] if x.ndim == 2 else -1
@@ -218,32 +217,21 @@ class DenseStack:
             raise ValueError(f"{self.name}: batch norm in training mode needs at least 2 rows "
                              f"per group, got {n // groups}")
         last = self.n_layers - 1
-        if train or not self.hidden_batchnorm:
-            plan = self._forward_plan(x, n, groups, update_running)
-            plan.start()
-            plan.run(crew)
-        else:  # evaluation with running statistics: not on the training path
-            a = x
-            for i in range(self.n_layers):
-                h = v.pre[i]
-                K.dense_forward(a, self.W[i], self.b[i], h)
-                if i < last:
-                    K.relu_forward(h, h)
-                    K.batchnorm_eval(h, self.gamma[i], self.beta[i], self.running_mean[i],
-                                     self.running_var[i], v.post[i], eps=self.bn_eps)
-                    a = v.post[i]
-                elif self.output == "tanh":
-                    K.tanh_forward(h, h)
+        plan = self._forward_plan(x, n, groups, update_running, train)
+        plan.start()
+        plan.run(crew)
         self._last_input = x
         self._last_n = n
         self._last_groups = groups
         self._last_train = train
         return v.pre[last]
 
-    def _forward_plan(self, x: np.ndarray, n: int, groups: int, update_running: bool) -> K.ForwardPlan:
+    def _forward_plan(self, x: np.ndarray, n: int, groups: int, update_running: bool,
+                      train: bool) -> K.ForwardPlan:
         """The forward plan for input x (n rows), made on first use and kept
-        while the input stays the same array (the GAN's buffers always do)."""
-        key = (n, groups, update_running)
+        while the input stays the same array object (the GAN's buffers do)."""
+        train = train or not self.hidden_batchnorm  # without batch norm: one kind of pass
+        key = (n, groups, update_running, train)
         hit = self._forward_plans.get(key)
         if hit is not None and hit[0] is x:
             return hit[1]
@@ -255,11 +243,12 @@ class DenseStack:
             spec = dict(x=x if i == 0 else v.post[i - 1], w=self.W[i], b=self.b[i], y=v.pre[i], act=act)
             if act == "relu_bn":
                 spec.update(post=v.post[i], gamma=self.gamma[i], beta=self.beta[i],
-                            running_mean=self.running_mean[i], running_var=self.running_var[i],
-                            mean=self._batch_mean[i][:groups], invstd=self._batch_invstd[i][:groups])
+                            running_mean=self.running_mean[i], running_var=self.running_var[i])
+                if train:
+                    spec.update(mean=self._batch_mean[i][:groups], invstd=self._batch_invstd[i][:groups])
             layers.append(spec)
         plan = K.ForwardPlan(layers, groups=groups, momentum=self.bn_momentum, eps=self.bn_eps,
-                             update_running=update_running)
+                             update_running=update_running, training=train)
         self._forward_plans[key] = (x, plan)
         return plan
 

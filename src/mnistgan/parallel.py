@@ -26,22 +26,19 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 # OpenBLAS's idle worker threads spin for 2^OPENBLAS_THREAD_TIMEOUT cycles
-# (default 2^28, about 0.1 s) before they sleep. While BLAS is held to one
-# thread for a shared backward, a spinning worker takes half a core from the
-# helper thread: the shared backward then loses more than it gains (measured
-# on 2 cores: 32 ms per step against 28 without a helper). 2^20 cycles (well
-# under a millisecond) keeps the workers awake between the GEMMs of a forward
-# pass and lets them sleep during a shared backward. OpenBLAS reads the
-# variable when it loads, which is when scipy.linalg is first imported; if
-# that happened before mnistgan was imported (and the user set nothing), the
-# helper thread stays off.
+# (default 2^28, about 0.1 s) before they sleep. A helper session calls BLAS
+# with one thread only, so its workers stay asleep; but a step without the
+# helper (parallel=False) runs each GEMM on OpenBLAS's own threads, and
+# between them the spinning workers take cores from everything else
+# (measured on 2 cores, scipy loaded first, so the default: 13.8-27 ms per
+# step against 11.7-12.6 with the helper). 2^20 cycles (well under a
+# millisecond) keeps the workers awake between the GEMMs of a pass and lets
+# them sleep soon after. OpenBLAS reads the variable when it loads, which is
+# when scipy.linalg is first imported: after that, setting it does nothing.
 _TIMEOUT_VAR = "OPENBLAS_THREAD_TIMEOUT"
-_user_set_timeout = _TIMEOUT_VAR in os.environ
 _blas_already_loaded = any(name == "scipy.linalg" or name.startswith("scipy.linalg.") for name in sys.modules)
-if not _user_set_timeout and not _blas_already_loaded:
+if _TIMEOUT_VAR not in os.environ and not _blas_already_loaded:
     os.environ[_TIMEOUT_VAR] = "20"
-#: Whether sharing a backward with a helper thread is expected to pay here.
-HELPER_ADVISED = _user_set_timeout or not _blas_already_loaded
 
 _lock = threading.Lock()
 _blas = None        # a _Blas per BLAS library loaded
