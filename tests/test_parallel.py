@@ -284,3 +284,28 @@ def test_plan_refuses_a_slice_with_room_for_more_than_the_layer():
         K.BackwardPlan(layers, param_grads=True, adam=flat)
     layers[1].update(p_size=12)
     K.BackwardPlan(layers, param_grads=True, adam=flat)
+
+
+def test_a_session_keeps_the_helper_across_steps_and_generate():
+    gan = GAN(Config(**SMALL), parallel=True)
+    images = np.zeros((50, 30), np.uint8)
+    idx = np.arange(10)
+    with threadpool_limits(limits=2, user_api="blas"):
+        with gan.session() as crew:
+            assert crew is gan._crew
+            _wait_serving(crew)
+            for _ in range(3):
+                gan.train_step(images, idx, 0.1)
+                assert crew.serving  # not sent away between steps
+            assert parallel.blas_threads() == 1
+            out = gan.generate(np.zeros((25, 8)))  # inside the session: no second helper
+            with gan.session() as inner:
+                assert inner is crew
+            assert crew.serving
+        assert not crew.serving
+        assert parallel.blas_threads() == 2
+    assert crew.jobs_posted == 3 * JOBS_PER_STEP + 2  # generate: 25 rows in chunks of 2B = 20
+    assert out.shape == (25, 30)
+    with threadpool_limits(limits=1, user_api="blas"):
+        with gan.session() as crew:
+            assert crew is None

@@ -32,6 +32,7 @@ normals in float32, and a stream of its own).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import numpy as np
@@ -93,6 +94,8 @@ class GAN:
         self.parallel = True if parallel is None else bool(parallel)
         self._crew = K.Crew()
         self._gen_inputs: dict[int, np.ndarray] = {}
+        self._session_crew = None
+        self._session_depth = 0
 
     @property
     def batch_size(self) -> int:
@@ -127,6 +130,27 @@ class GAN:
 
     # -- public ------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def session(self):
+        """Keep the helper thread for every step and generate() inside the
+        block (Trainer holds one per epoch), instead of one session per call;
+        yields the crew, or None with one BLAS thread or parallel=False.
+        BLAS is held to one thread throughout. Re-entrant."""
+        if self._session_depth:
+            self._session_depth += 1
+            try:
+                yield self._session_crew
+            finally:
+                self._session_depth -= 1
+            return
+        shared = self.parallel and blas_threads() >= 2
+        with helper_session(self._crew if shared else None) as crew:
+            self._session_crew, self._session_depth = crew, 1
+            try:
+                yield crew
+            finally:
+                self._session_crew, self._session_depth = None, 0
+
     def train_step(self, images: np.ndarray, idx: np.ndarray, noise_std: float) -> StepStats:
         """One D update then one G update. images: (N, image_dim) uint8; idx: (B,) int64."""
         if not noise_std >= 0:
@@ -137,8 +161,7 @@ class GAN:
         if getattr(idx, "shape", None) != (c.batch_size,):
             raise ValueError(f"idx has shape {getattr(idx, 'shape', None)}, expected ({c.batch_size},)")
         B = c.batch_size
-        shared = self.parallel and blas_threads() >= 2
-        with helper_session(self._crew if shared else None) as crew:
+        with self.session() as crew:
             K.gather_batch(images, idx, self._real)
             self._draw(noise_std)
             fakes = self.G.forward(self.z, train=True, groups=2, crew=crew)
@@ -196,8 +219,7 @@ class GAN:
         # Running statistics make rows independent: chunks as large as G's
         # buffers. Batch statistics are those of batch_size rows.
         chunk = B if batch_stats else 2 * B
-        shared = self.parallel and blas_threads() >= 2
-        with helper_session(self._crew if shared else None) as crew:
+        with self.session() as crew:
             start = 0
             while start < n:
                 stop = min(start + chunk, n)

@@ -83,7 +83,9 @@ class Trainer:
         one. Each epoch visits the images in a fresh order drawn from the
         seeded generator; the last incomplete batch is dropped.
         should_stop() is asked between steps; the trainer then stops with a
-        consistent state that save() can write. Returns True if the epochs
+        consistent state that save() can write. Each epoch's steps run in one
+        helper session (GAN.session): on_step is called there, with BLAS
+        held to one thread. Returns True if the epochs
         ran to the end, False if stopped.
         """
         rows = self.as_rows(images)
@@ -98,15 +100,18 @@ class Trainer:
                 # Drawn once per epoch; kept in checkpoints, so a stop at any
                 # point (even right after this draw) resumes the same order.
                 self.order = self.rng.permutation(len(rows)).astype(np.int64)
-            while self.batch < per_epoch:
-                if should_stop is not None and should_stop():
-                    return False
-                idx = self.order[self.batch * B:(self.batch + 1) * B]
-                stats = self.gan.train_step(rows, idx, self.noise_std(self.step, per_epoch))
-                self.batch += 1
-                self._record(stats)
-                if on_step is not None:
-                    on_step(self, stats)
+            # One helper session per epoch, not per step (mnistgan.parallel):
+            # on_step runs inside it, with BLAS on one thread.
+            with self.gan.session():
+                while self.batch < per_epoch:
+                    if should_stop is not None and should_stop():
+                        return False
+                    idx = self.order[self.batch * B:(self.batch + 1) * B]
+                    stats = self.gan.train_step(rows, idx, self.noise_std(self.step, per_epoch))
+                    self.batch += 1
+                    self._record(stats)
+                    if on_step is not None:
+                        on_step(self, stats)
             self._check_parameters()
             self.epoch += 1
             self.batch = 0
