@@ -4,7 +4,7 @@
 
 The step's 38 float32 GEMMs (batch 50; the shapes of step.py's GemmOnly),
 timed three ways, interleaved round by round: OpenBLAS with 1 thread;
-OpenBLAS with 2 threads, one GEMM at a time (what mnistgan's forward does);
+OpenBLAS with 2 threads, one GEMM at a time (what GAN(parallel=False) does);
 and each GEMM split by columns into two halves, one on the calling thread
 and one on a spinning helper thread, each through OpenBLAS with 1 thread.
 Reported for the whole sequence and for its two kinds of GEMM: products

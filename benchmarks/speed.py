@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import json
 import os
 import platform
 import statistics
@@ -381,7 +380,7 @@ def main(argv=None):
     images = np.random.default_rng(0).integers(0, 256, (10000, 784), dtype=np.uint8)
     impls = (["mnistgan", "mnistgan-blas-threads", "numpy"] + (["pytorch"] if HAVE_TORCH else []) + ["gemm-only"]
              + (["pytorch-gemm-only"] if HAVE_TORCH else []))
-    lines = [f"# mnistgan speed results", "",
+    lines = ["# mnistgan speed results", "",
              f"Machine: {machine()}.", "",
              f"Command: `python benchmarks/speed.py{' --quick' if a.quick else ''}` "
              f"({rounds} rounds x {block} steps per configuration, interleaved; "

@@ -222,7 +222,7 @@ def _layers(n=4, dtype=np.float64, sizes=(3, 5, 2)):
     out, gout = z(n, sizes[2]), z(n, sizes[2])
     flat = [z(sizes[0] * sizes[1] + sizes[1] + sizes[1] * sizes[2] + sizes[2]) for _ in range(4)]
     p, g = flat[0], flat[1]
-    w0, b0 = p[:15].reshape(3, 5), p[15:20]
+    w0 = p[:15].reshape(3, 5)
     w1 = p[20:30].reshape(5, 2)
     dw0, db0 = g[:15].reshape(3, 5), g[15:20]
     dw1, db1 = g[20:30].reshape(5, 2), g[30:32]

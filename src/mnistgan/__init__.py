@@ -1,5 +1,5 @@
 """mnistgan: a small fully connected GAN trained by Cython kernels over BLAS."""
-from . import parallel  # first: it tunes OpenBLAS's threads before scipy loads it
+from . import parallel  # noqa: F401  (first: it tunes OpenBLAS's threads before scipy loads it)
 from ._version import __version__
 from .config import Config
 from .gan import GAN, StepStats
