@@ -42,7 +42,7 @@ extensions = [
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         extra_compile_args=compile_args,
         extra_link_args=link_args,
-        depends=["src/mnistgan/_fastmath.h", "src/mnistgan/_sync.h"],
+        depends=["src/mnistgan/_fastmath.h", "src/mnistgan/_sgemm.h", "src/mnistgan/_sync.h"],
     )
 ]
 

@@ -38,6 +38,12 @@ cdef extern from "_fastmath.h" nogil:
     void mg_normal_pairs_f(const uint64_t* raw, float* out, long n_pairs)
     void mg_normal_pairs_d(const uint64_t* raw, double* out, long n_pairs)
 
+cdef extern from "_sgemm.h" nogil:
+    int MG_OWN_SGEMM
+    void mg_sgemm(long m, long n, long k, const float* x, long sxr, long sxk, const float* w, long ldw,
+                  const float* bias, float* y, long ldy)
+    int mg_own_sgemm_available()
+
 cdef extern from "_sync.h" nogil:
     ctypedef long mg_atomic
     long mg_load(mg_atomic* p)
@@ -219,14 +225,52 @@ def gemm(A, B, C, *, bint trans_a=False, bint trans_b=False,
 # 3a. Dense layer: Y = X W + b
 # ---------------------------------------------------------------------------
 
-cdef void dense_forward_k(floating* x, floating* w, floating* bias, floating* y,
-                          int n, int d_in, int d_out) noexcept nogil:
+# float32 forward products and weight gradients go through our own AVX-512
+# kernel (_sgemm.h) where the CPU has it: faster than BLAS on these shapes.
+# MNISTGAN_OWN_GEMM=0 in the environment, or use_own_gemm(False), keeps BLAS.
+cdef bint _own_sgemm = False
+
+
+def own_gemm_available():
+    """Whether this build and CPU can run the AVX-512 forward kernel."""
+    return bool(MG_OWN_SGEMM) and bool(mg_own_sgemm_available())
+
+
+def use_own_gemm(bint on):
+    """Route float32 forward products and weight gradients through the
+    AVX-512 kernel (if available) or BLAS; returns whether the kernel is
+    now in use. Not while a pass runs on another thread."""
+    global _own_sgemm
+    _own_sgemm = on and own_gemm_available()
+    return _own_sgemm
+
+
+def _own_gemm_in_use():
+    return bool(_own_sgemm)
+
+
+import os as _os
+use_own_gemm(_os.environ.get("MNISTGAN_OWN_GEMM", "1") != "0")
+
+
+cdef void dense_columns_k(floating* x, floating* w, floating* bias, floating* y, int n, int d_in,
+                          int cols, int ld) noexcept nogil:
+    """Y[:, :cols] = X W[:, :cols] + bias for a block of columns; W and Y rows ld apart."""
     cdef Py_ssize_t i
+    if floating is float:
+        if _own_sgemm:
+            mg_sgemm(n, cols, d_in, x, d_in, 1, w, ld, bias, y, ld)
+            return
     # Seed Y with the bias, then let BLAS accumulate X W on top (beta = 1):
     # one pass over Y instead of two.
     for i in range(n):
-        memcpy(y + i * d_out, bias, d_out * sizeof(floating))
-    gemm_rm(False, False, n, d_out, d_in, 1, x, d_in, w, d_out, 1, y, d_out)
+        memcpy(y + i * ld, bias, cols * sizeof(floating))
+    gemm_rm(False, False, n, cols, d_in, 1, x, d_in, w, ld, 1, y, ld)
+
+
+cdef void dense_forward_k(floating* x, floating* w, floating* bias, floating* y,
+                          int n, int d_in, int d_out) noexcept nogil:
+    dense_columns_k(x, w, bias, y, n, d_in, d_out, d_out)
 
 
 cdef void dense_backward_k(floating* x, floating* w, floating* dy,
@@ -236,7 +280,10 @@ cdef void dense_backward_k(floating* x, floating* w, floating* dy,
     cdef Py_ssize_t i, j
     cdef floating* row
     if dw != NULL:
-        gemm_rm(True, False, d_in, d_out, n, 1, x, d_in, dy, d_out, 0, dw, d_out)
+        if floating is float and _own_sgemm:
+            mg_sgemm(d_in, d_out, n, x, 1, d_in, dy, d_out, NULL, dw, d_out)
+        else:
+            gemm_rm(True, False, d_in, d_out, n, 1, x, d_in, dy, d_out, 0, dw, d_out)
     if db != NULL:
         for j in range(d_out):
             db[j] = 0
@@ -1217,8 +1264,12 @@ cdef void _block(PlanState* s, LayerPlan* L, int b, floating* tag) noexcept nogi
     cdef floating* db
     cdef floating* row
     cdef floating* dw = <floating*>L.dw + <Py_ssize_t>r0 * L.d_out
-    gemm_rm(True, False, r1 - r0, L.d_out, s.n, 1, <floating*>L.x + r0, L.d_in,
-            <floating*>L.gpre, L.d_out, 0, dw, L.d_out)
+    if floating is float and _own_sgemm:
+        mg_sgemm(r1 - r0, L.d_out, s.n, <float*>L.x + r0, 1, L.d_in, <float*>L.gpre, L.d_out, NULL,
+                 dw, L.d_out)
+    else:
+        gemm_rm(True, False, r1 - r0, L.d_out, s.n, 1, <floating*>L.x + r0, L.d_in,
+                <floating*>L.gpre, L.d_out, 0, dw, L.d_out)
     if s.adam:
         _adam_at(s, <char*>dw, <Py_ssize_t>(r1 - r0) * L.d_out, tag)
     if b == 0:
@@ -1585,10 +1636,7 @@ cdef void _fwd_part(FwdState* s, FwdLayer* L, int lo, int hi, floating* tag) noe
     cdef int n = s.n, d = L.d_out, cols = hi - lo, m = s.n // s.groups, g
     cdef Py_ssize_t i
     cdef floating* y = <floating*>L.y + lo
-    cdef floating* b = <floating*>L.b + lo
-    for i in range(n):
-        memcpy(y + i * d, b, cols * sizeof(floating))
-    gemm_rm(False, False, n, cols, L.d_in, 1, <floating*>L.x, L.d_in, <floating*>L.w + lo, d, 1, y, d)
+    dense_columns_k(<floating*>L.x, <floating*>L.w + lo, <floating*>L.b + lo, y, n, L.d_in, cols, d)
     if L.act == ACT_TANH:
         for i in range(n):
             tanh_forward_k(y + i * d, y + i * d, cols)
