@@ -254,11 +254,12 @@ use_own_gemm(_os.environ.get("MNISTGAN_OWN_GEMM", "1") != "0")
 
 
 cdef void dense_columns_k(floating* x, floating* w, floating* bias, floating* y, int n, int d_in,
-                          int cols, int ld) noexcept nogil:
-    """Y[:, :cols] = X W[:, :cols] + bias for a block of columns; W and Y rows ld apart."""
+                          int cols, int ld, bint own) noexcept nogil:
+    """Y[:, :cols] = X W[:, :cols] + bias for a block of columns; W and Y rows ld apart.
+    own: through the AVX-512 kernel (float32; the caller checked _own_sgemm)."""
     cdef Py_ssize_t i
     if floating is float:
-        if _own_sgemm:
+        if own:
             mg_sgemm(n, cols, d_in, x, d_in, 1, w, ld, bias, y, ld)
             return
     # Seed Y with the bias, then let BLAS accumulate X W on top (beta = 1):
@@ -270,7 +271,7 @@ cdef void dense_columns_k(floating* x, floating* w, floating* bias, floating* y,
 
 cdef void dense_forward_k(floating* x, floating* w, floating* bias, floating* y,
                           int n, int d_in, int d_out) noexcept nogil:
-    dense_columns_k(x, w, bias, y, n, d_in, d_out, d_out)
+    dense_columns_k(x, w, bias, y, n, d_in, d_out, d_out, _own_sgemm)
 
 
 cdef void dense_backward_k(floating* x, floating* w, floating* dy,
@@ -1207,6 +1208,7 @@ cdef struct PlanState:
     bint param_grads
     bint adam
     bint halves        # input gradients in two column halves
+    bint own_gemm      # weight gradients through the AVX-512 kernel
     bint is_f32
     char* p            # flat parameters, gradients, Adam moments (Adam only)
     char* g
@@ -1264,7 +1266,7 @@ cdef void _block(PlanState* s, LayerPlan* L, int b, floating* tag) noexcept nogi
     cdef floating* db
     cdef floating* row
     cdef floating* dw = <floating*>L.dw + <Py_ssize_t>r0 * L.d_out
-    if floating is float and _own_sgemm:
+    if floating is float and s.own_gemm:
         mg_sgemm(r1 - r0, L.d_out, s.n, <float*>L.x + r0, 1, L.d_in, <float*>L.gpre, L.d_out, NULL,
                  dw, L.d_out)
     else:
@@ -1547,18 +1549,20 @@ cdef class BackwardPlan:
         return k
 
     def start(self, *, double lr=0, double beta1=0, double beta2=0, double eps=1, long step=1,
-              bint halves=True):
+              bint halves=True, bint own_gemm=True):
         """Reset the counters before a run (and set Adam's hyperparameters).
 
         halves=False computes each input gradient in one GEMM. Halves are
         the default with one thread too: BLAS may round a half-size product
         differently, and a pass should give the same bits whichever threads
-        run it."""
+        run it. own_gemm=False keeps BLAS for the weight gradients (when
+        BLAS has threads of its own to use; see use_own_gemm)."""
         cdef int i
         if self.adam:
             _check_adam(lr, beta1, beta2, eps, step)
         self.s.lr, self.s.beta1, self.s.beta2, self.s.eps, self.s.step = lr, beta1, beta2, eps, step
         self.s.halves = halves
+        self.s.own_gemm = own_gemm and _own_sgemm
         for i in range(self.s.n_layers):
             mg_store(&self.s.chain_done[i], 0)
         mg_store(&self.s.next_item, 0)
@@ -1622,6 +1626,7 @@ cdef struct FwdState:
     bint training     # batch statistics (else the running statistics)
     bint update_running
     bint halves       # split layers in two parts (set per run by start)
+    bint own_gemm     # products through the AVX-512 kernel (set per run by start)
     mg_atomic next_part
     mg_atomic* done   # per layer: parts finished
     bint is_f32
@@ -1636,7 +1641,8 @@ cdef void _fwd_part(FwdState* s, FwdLayer* L, int lo, int hi, floating* tag) noe
     cdef int n = s.n, d = L.d_out, cols = hi - lo, m = s.n // s.groups, g
     cdef Py_ssize_t i
     cdef floating* y = <floating*>L.y + lo
-    dense_columns_k(<floating*>L.x, <floating*>L.w + lo, <floating*>L.b + lo, y, n, L.d_in, cols, d)
+    dense_columns_k(<floating*>L.x, <floating*>L.w + lo, <floating*>L.b + lo, y, n, L.d_in, cols, d,
+                    s.own_gemm)
     if L.act == ACT_TANH:
         for i in range(n):
             tanh_forward_k(y + i * d, y + i * d, cols)
@@ -1842,13 +1848,14 @@ cdef class ForwardPlan:
             k += _fwd_parts(&self.s, &self.s.layers[i])
         return k
 
-    def start(self, *, bint halves=True):
+    def start(self, *, bint halves=True, bint own_gemm=True):
         """Reset the counters before a run. halves=False: every layer in one
         part. Halves are the default with one thread too: BLAS may round a
         half-size product differently, and a pass should give the same bits
-        whichever threads run it."""
+        whichever threads run it. own_gemm=False keeps BLAS (see use_own_gemm)."""
         cdef int i
         self.s.halves = halves
+        self.s.own_gemm = own_gemm and _own_sgemm
         for i in range(self.s.n_layers):
             mg_store(&self.s.done[i], 0)
         mg_store(&self.s.next_part, 0)

@@ -20,8 +20,16 @@ import math
 import numpy as np
 
 from . import _kernels as K
+from .parallel import blas_threads
 
 OUTPUTS = ("tanh", "linear")
+
+
+def _own_gemm_pays(crew) -> bool:
+    """The AVX-512 kernel runs on one thread: use it in a helper session
+    (BLAS is on one thread there too) or when BLAS has only one thread, and
+    leave wide products to BLAS's own threads otherwise (GAN(parallel=False))."""
+    return crew is not None or blas_threads() == 1
 
 
 class _Views:
@@ -218,7 +226,7 @@ class DenseStack:
                              f"per group, got {n // groups}")
         last = self.n_layers - 1
         plan = self._forward_plan(x, n, groups, update_running, train)
-        plan.start()
+        plan.start(own_gemm=_own_gemm_pays(crew))
         plan.run(crew)
         self._last_input = x
         self._last_n = n
@@ -323,7 +331,7 @@ class DenseStack:
         n, start = self._start_backward(grad_out, group)
         want_input = input_grad and self._ginput is not None
         plan = self._plan(n, group, param_grads=param_grads, input_grad=want_input, adam=False)
-        plan.start()
+        plan.start(own_gemm=_own_gemm_pays(crew))
         plan.run(crew)
         return self.views(n, start).ginput if want_input else None
 
@@ -340,7 +348,8 @@ class DenseStack:
         """
         n, _ = self._start_backward(grad_out, group)
         plan = self._plan(n, group, param_grads=True, input_grad=False, adam=True)
-        plan.start(lr=lr, beta1=beta1, beta2=beta2, eps=eps, step=self.adam_steps + 1)
+        plan.start(lr=lr, beta1=beta1, beta2=beta2, eps=eps, step=self.adam_steps + 1,
+                   own_gemm=_own_gemm_pays(crew))
         self.adam_steps += 1
         plan.run(crew)
 
