@@ -16,7 +16,8 @@ pytestmark = pytest.mark.skipif(not K.own_gemm_available(),
                                 reason="this build or CPU has no AVX-512 kernel (BLAS is used)")
 
 SHAPES = [(1, 1, 1), (1, 3, 17), (5, 7, 16), (6, 16, 64), (7, 33, 65), (13, 64, 17), (50, 157, 1),
-          (25, 628, 471), (100, 784, 628), (100, 512, 1024), (50, 1024, 784), (11, 100, 130)]
+          (25, 628, 471), (100, 784, 628), (100, 512, 1024), (50, 1024, 784), (11, 100, 130),
+          (7, 33, 517), (9, 13, 512)]
 
 
 @pytest.fixture
@@ -36,14 +37,18 @@ def test_forward_and_weight_gradient_match_float64(own, n, d_in, d_out):
     # Outputs filled with NaN: every element must be written.
     y = np.full((n, d_out), np.nan, np.float32)
     dw = np.full((d_in, d_out), np.nan, np.float32)
+    dx = np.full((n, d_in), np.nan, np.float32)
     K.dense_forward(x, w, b, y)
-    K.dense_backward(x, w, g, dW=dw, db=np.empty(d_out, np.float32))
+    K.dense_backward(x, w, g, dW=dw, db=np.empty(d_out, np.float32), dX=dx)
     x64, w64, g64 = x.astype(np.float64), w.astype(np.float64), g.astype(np.float64)
     # Error bound of a float32 sum of d_in products, relative to the sum of magnitudes.
     tol = 4 * np.finfo(np.float32).eps * np.sqrt(d_in + 1)
     assert np.all(np.abs(y - (x64 @ w64 + b)) <= tol * (np.abs(x64) @ np.abs(w64) + np.abs(b)) + 1e-30)
     tol = 4 * np.finfo(np.float32).eps * np.sqrt(n)
     assert np.all(np.abs(dw - x64.T @ g64) <= tol * (np.abs(x64).T @ np.abs(g64)) + 1e-30)
+    # The input gradient: BLAS below 512 terms, the kernel's dot products from there.
+    tol = 4 * np.finfo(np.float32).eps * np.sqrt(d_out)
+    assert np.all(np.abs(dx - g64 @ w64.T) <= tol * (np.abs(g64) @ np.abs(w64).T) + 1e-30)
 
 
 def test_own_kernel_and_blas_agree_to_rounding():

@@ -1,7 +1,8 @@
-/* float32 products of the dense layers with AVX-512, our own kernel for the
- * two shapes where it beats BLAS here: the forward Y = bias + X W (X: a
- * batch of 25-100 rows) and the weight gradient dW = X^T G (a sum over
- * the batch), both row-major with wide outputs.
+/* float32 products of the dense layers with AVX-512, our own kernels for
+ * the shapes where they beat BLAS here: the forward Y = bias + X W (X: a
+ * batch of 25-100 rows), the weight gradient dW = X^T G (a sum over the
+ * batch), both row-major with wide outputs, and the input gradient G W^T
+ * when its sums are long (mg_sgemm_nt, below).
  *
  * Why not BLAS: OpenBLAS packs W into a buffer on every call, and here W is
  * cold (the training state outgrows the cache, see README "Speed"); this
@@ -106,6 +107,78 @@ static MG_AVX512 void mg_sgemm(long m, long n, long k, const float *x, long sxr,
     }
 }
 
+/* The input gradient G W^T: y[r][c] = sum_j g[r][j] w[c][j], both operands
+ * read along their rows. Dot products: a tile of R rows of g and C rows of
+ * w keeps R x C vector accumulators over 16-wide chunks of j (the last one
+ * masked), then sums each accumulator's lanes. */
+static inline __attribute__((always_inline)) MG_AVX512
+void mg_dot_tile(const int R, const int C, long k, const float *g, long ldg, const float *w, long ldw,
+                 float *y, long ldy) {
+    __m512 acc[4][6], gv[4], wv;
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 6
+        for (int c = 0; c < C; c++) acc[r][c] = _mm512_setzero_ps();
+    long j = 0;
+    for (; j + 16 <= k; j += 16) {
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++) gv[r] = _mm512_loadu_ps(g + r * ldg + j);
+#pragma GCC unroll 6
+        for (int c = 0; c < C; c++) {
+            wv = _mm512_loadu_ps(w + c * ldw + j);
+#pragma GCC unroll 4
+            for (int r = 0; r < R; r++) acc[r][c] = _mm512_fmadd_ps(gv[r], wv, acc[r][c]);
+        }
+    }
+    if (j < k) {
+        __mmask16 m = (__mmask16)((1u << (k - j)) - 1);
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++) gv[r] = _mm512_maskz_loadu_ps(m, g + r * ldg + j);
+#pragma GCC unroll 6
+        for (int c = 0; c < C; c++) {
+            wv = _mm512_maskz_loadu_ps(m, w + c * ldw + j);
+#pragma GCC unroll 4
+            for (int r = 0; r < R; r++) acc[r][c] = _mm512_fmadd_ps(gv[r], wv, acc[r][c]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 6
+        for (int c = 0; c < C; c++) y[r * ldy + c] = _mm512_reduce_add_ps(acc[r][c]);
+}
+
+#define MG_DOT_C(R)                                                                     \
+    switch (cs) {                                                                       \
+    case 1: mg_dot_tile(R, 1, k, g, ldg, w, ldw, y, ldy); break;                        \
+    case 2: mg_dot_tile(R, 2, k, g, ldg, w, ldw, y, ldy); break;                        \
+    case 3: mg_dot_tile(R, 3, k, g, ldg, w, ldw, y, ldy); break;                        \
+    case 4: mg_dot_tile(R, 4, k, g, ldg, w, ldw, y, ldy); break;                        \
+    case 5: mg_dot_tile(R, 5, k, g, ldg, w, ldw, y, ldy); break;                        \
+    default: mg_dot_tile(R, 6, k, g, ldg, w, ldw, y, ldy); break;                       \
+    }
+
+static MG_AVX512 void mg_dot_tile_any(int rs, int cs, long k, const float *g, long ldg, const float *w,
+                                      long ldw, float *y, long ldy) {
+    switch (rs) {
+    case 1: MG_DOT_C(1) break;
+    case 2: MG_DOT_C(2) break;
+    case 3: MG_DOT_C(3) break;
+    default: MG_DOT_C(4) break;
+    }
+}
+
+/* y (m x n, rows ldy apart) = g (m x k, ldg) w^T, w (n x k, ldw). */
+static MG_AVX512 void mg_sgemm_nt(long m, long n, long k, const float *g, long ldg, const float *w,
+                                  long ldw, float *y, long ldy) {
+    for (long c0 = 0; c0 < n; c0 += 6) {
+        int cs = n - c0 < 6 ? (int)(n - c0) : 6;
+        for (long r0 = 0; r0 < m; r0 += 4) {
+            int rs = m - r0 < 4 ? (int)(m - r0) : 4;
+            mg_dot_tile_any(rs, cs, k, g + r0 * ldg, ldg, w + c0 * ldw, ldw, y + r0 * ldy + c0, ldy);
+        }
+    }
+}
+
 static int mg_own_sgemm_available(void) {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f");
@@ -117,6 +190,10 @@ static void mg_sgemm(long m, long n, long k, const float *x, long sxr, long sxk,
                      long ldw, const float *bias, float *y, long ldy) {
     (void)m; (void)n; (void)k; (void)x; (void)sxr; (void)sxk; (void)w; (void)ldw; (void)bias; (void)y;
     (void)ldy;
+}
+static void mg_sgemm_nt(long m, long n, long k, const float *g, long ldg, const float *w, long ldw,
+                        float *y, long ldy) {
+    (void)m; (void)n; (void)k; (void)g; (void)ldg; (void)w; (void)ldw; (void)y; (void)ldy;
 }
 static int mg_own_sgemm_available(void) { return 0; }
 #endif
