@@ -26,7 +26,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 20_000, 40_000, 60_000])
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--out", default=os.path.join(HERE, "SCALING.md"))
     a = p.parse_args(argv)
     images = load_images("fashion-mnist")
