@@ -68,7 +68,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help=f"default {d.seed}")
     p.add_argument("--dtype", choices=["float32", "float64"], default=None, help="default float32")
     p.add_argument("--threads", type=positive_int, default=None,
-                   help="BLAS threads (default: what BLAS chooses, usually one per core)")
+                   help="BLAS threads (default: what BLAS chooses, usually one per core); with 2 or "
+                        "more, a training step runs on 2 threads (itself and one helper)")
     p.add_argument("--out", default=None,
                    help="run folder (default runs/mnistgan, or the folder of the --resume checkpoint)")
     p.add_argument("--resume", metavar="PATH", default=None,
