@@ -1864,8 +1864,8 @@ cdef class ForwardPlan:
         return self.s.n
 
     @property
-    def n_tasks(self):
-        """Parts to run in this run (a helper thread has work when this is > 1)."""
+    def n_parts(self):
+        """Parts of a run (a helper thread has work when this is > 1)."""
         cdef int i, k = 0
         for i in range(self.s.n_layers):
             k += _fwd_parts(&self.s, &self.s.layers[i])
