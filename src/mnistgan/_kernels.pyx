@@ -1159,6 +1159,24 @@ cdef class Crew:
         return mg_load(&self.s.helped)
 
 
+cdef void _run_shared(Crew crew, crew_job work, void* state):
+    """One run of a plan: work(state) on this thread, and, with a crew, the
+    same work posted to its helper; returns once the helper is out."""
+    cdef CrewState* c = &crew.s if crew is not None else NULL
+    with nogil:
+        if c != NULL:
+            _crew_post(c, work, state)
+        work(state)
+        if c != NULL:
+            _crew_finish(c)
+
+
+cdef inline int _half_split(Py_ssize_t d):
+    """Where a plan cuts d columns in two: on a 16-column boundary (BLAS
+    panels, 64-byte lines) near the middle; d itself (one part) below 32."""
+    return <int>d if d < 32 else <int>min(d, (d // 2 + 15) // 16 * 16)
+
+
 # ---------------------------------------------------------------------------
 # 8. The backward plan: a whole backward pass, and its Adam step, in one call
 # ---------------------------------------------------------------------------
@@ -1480,9 +1498,7 @@ cdef class BackwardPlan:
                 _disjoint(f"{name}['gx']", gx, f"{name}['{other_name}']", other)
             arrays.append(gx)
             lp.gx = _lo(gx)
-            # Halves on a 16-column boundary (BLAS panels, 64-byte lines);
-            # an input narrower than 32 columns stays whole.
-            lp.gx_split = <int>d_in if d_in < 32 else <int>min(d_in, (d_in // 2 + 15) // 16 * 16)
+            lp.gx_split = _half_split(d_in)
         if i > 0:
             # The chain hands layer i's input gradient to layer i-1 as its gout.
             if gx is None or _lo(<cnp.ndarray>prev_gout) != _lo(gx):
@@ -1599,16 +1615,7 @@ cdef class BackwardPlan:
     def run(self, Crew crew=None):
         """One run after start(), without the GIL: on this thread alone, or
         shared with crew's helper thread (which must be serving)."""
-        cdef PlanState* s = &self.s
-        cdef CrewState* c = NULL
-        if crew is not None:
-            c = &crew.s
-        with nogil:
-            if c != NULL:
-                _crew_post(c, _plan_work, s)
-            _plan_work(s)
-            if c != NULL:
-                _crew_finish(c)
+        _run_shared(crew, _plan_work, &self.s)
 
 
 # ---------------------------------------------------------------------------
@@ -1848,9 +1855,7 @@ cdef class ForwardPlan:
         lp.y = _lo(y)
         lp.d_in = <int>d_in
         lp.d_out = <int>d_out
-        # Halves on a 16-column boundary (BLAS panels, 64-byte lines); a
-        # layer narrower than 32 columns stays whole.
-        lp.split = <int>d_out if d_out < 32 else <int>min(d_out, (d_out // 2 + 15) // 16 * 16)
+        lp.split = _half_split(d_out)
         self.keep.extend(arrays)
         return out
 
@@ -1891,15 +1896,7 @@ cdef class ForwardPlan:
 
     def run(self, Crew crew=None):
         """One run after start(), without the GIL: on this thread alone, or
-        shared with crew's helper thread (which must be serving)."""
-        cdef FwdState* s = &self.s
-        cdef CrewState* c = NULL
-        if crew is not None and s.halves:
-            c = &crew.s
-        with nogil:
-            if c != NULL:
-                _crew_post(c, _fwd_help, s)
-            _fwd_help(s)
-            if c != NULL:
-                _crew_finish(c)
+        shared with crew's helper thread (which must be serving); a run
+        without halves has nothing to share."""
+        _run_shared(crew if self.s.halves else None, _fwd_help, &self.s)
 
